@@ -1,0 +1,98 @@
+"""Model adapters: turn a plain function, a ``flax.linen`` module or a ``flax.nnx`` module into
+``Model(apply_fn, params)`` with ``apply_fn(params, x) -> outputs``.
+
+Only ``params`` is differentiated: linen collections other than ``params`` (``batch_stats``, …) and NNX
+state that is not an ``nnx.Param`` are closed over and held fixed. This is the only module of the NTK
+pipeline that imports flax.
+
+Example (linen)::
+
+    import flax.linen as nn, jax, jax.numpy as jnp, ntkcv
+
+    module = nn.Sequential([nn.Dense(64), nn.tanh, nn.Dense(10)])
+    x = jnp.ones((8, 784))
+    model = ntkcv.from_linen(module, module.init(jax.random.key(0), x))
+    K = ntkcv.ntk_fn(model.apply_fn)(model.params, x)          # (8, 8)
+
+Example (NNX)::
+
+    from flax import nnx
+
+    model = ntkcv.from_nnx(nnx.Linear(784, 10, rngs=nnx.Rngs(0)))
+    K = ntkcv.ntk_fn(model.apply_fn)(model.params, x)
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+ApplyFn = Callable[[Any, jax.Array], Any]
+
+# Called by ``from_nnx``'s ``apply_fn`` with the freshly merged module just before it is applied, when set.
+# Lets an NTK implementation observe or wrap the module's layers inside a traced ``apply_fn`` (see
+# ``ntkcv.ntk.structured``); ``None`` (the default) leaves the call untouched.
+nnx_module_hook: contextvars.ContextVar[Callable[[Any], None] | None] = contextvars.ContextVar(
+    "ntkcv_nnx_module_hook", default=None
+)
+
+
+class Model(NamedTuple):
+    """A model as the NTK sees it: ``apply_fn(params, x)`` and the ``params`` to differentiate."""
+
+    apply_fn: ApplyFn
+    params: Any
+
+
+def from_function(apply_fn: ApplyFn, params: Any) -> Model:
+    """A plain function ``apply_fn(params, x)``; every array leaf of ``params`` is differentiated."""
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+    return Model(apply_fn, params)
+
+
+def from_linen(module: Any, variables: Any, *, method: str | Callable | None = None, **apply_kwargs: Any) -> Model:
+    """A ``flax.linen.Module`` with its variables.
+
+    ``variables['params']`` is differentiated; every other collection (``batch_stats``, …) is held
+    fixed, and the module is applied with ``mutable=False`` (so BatchNorm must be in eval mode, e.g.
+    ``use_running_average=True`` passed through ``apply_kwargs``).
+    """
+    import flax.linen as nn
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a flax.linen.Module, got {type(module).__name__}")
+    if not hasattr(variables, "keys") or "params" not in variables:
+        got = list(variables.keys()) if hasattr(variables, "keys") else type(variables).__name__
+        raise ValueError(f"variables must be a mapping with a 'params' collection, got {got}")
+    fixed = {name: value for name, value in variables.items() if name != "params"}
+
+    def apply_fn(params, x):
+        return module.apply({"params": params, **fixed}, x, method=method, **apply_kwargs)
+
+    return Model(apply_fn, variables["params"])
+
+
+def from_nnx(module: Any) -> Model:
+    """A ``flax.nnx.Module``: its ``nnx.Param`` state is differentiated, all other state held fixed.
+
+    ``apply_fn(params, x)`` merges the parameters back into a copy of the module and calls it on ``x``;
+    put the module in eval mode first (``module.eval()``) if it has dropout or BatchNorm.
+    """
+    from flax import nnx
+
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}")
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def apply_fn(params, x):
+        merged = nnx.merge(graphdef, params, rest)
+        hook = nnx_module_hook.get()
+        if hook is not None:
+            hook(merged)
+        return merged(x)
+
+    return Model(apply_fn, params)

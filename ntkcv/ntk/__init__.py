@@ -1,0 +1,7 @@
+"""Empirical neural tangent kernels: the factory, its implementations and the matrix-free operator."""
+
+from ntkcv.ntk.kernel import Implementation, ntk_fn
+from ntkcv.ntk.layout import flatten_kernel
+from ntkcv.ntk.operator import NTKOperator, ntk_operator
+
+__all__ = ["Implementation", "NTKOperator", "flatten_kernel", "ntk_fn", "ntk_operator"]

@@ -1,0 +1,155 @@
+"""The public factory :func:`ntk_fn` and the choice between implementations."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ntkcv.ntk import jacobian, ntvp
+from ntkcv.ntk.layout import canonical_fn, output_layout
+from ntkcv.ntk.profile import ModelProfile, profile_model
+from ntkcv.ntk.tiling import default_memory_budget, plan_tiles, tiled_diagonal, tiled_kernel
+from ntkcv.ntk.validate import check_inputs, check_params
+
+logger = logging.getLogger("ntkcv.ntk")
+
+
+class Implementation(enum.StrEnum):
+    """How the empirical NTK is computed. All are exact to rounding; they differ in cost.
+
+    - ``JACOBIAN``: per-sample Jacobians ``J`` (reverse mode), then ``Θ = Σ_leaves J₁J₂ᵀ``. Cost
+      ``(N₁+N₂)·O·R`` backward passes and an ``N₁N₂O²RP`` contraction; memory ``(N₁+N₂)·O·R·P``. Best for
+      small ``P`` with expensive forward passes (weight sharing, convolutions).
+    - ``NTVP``: NTK-vector products: every per-sample gradient of ``x₂`` pushed forward through the
+      model at ``x₁``. Cost ``N₂·O·R`` backward plus ``N₁N₂·O·R`` forward passes, no contraction over
+      ``P``. Best for full (untraced) kernels of wide dense models.
+    - ``AUTO``: the implementation with the smallest FLOP estimate for these shapes, from XLA's cost
+      analysis of one forward pass (see each module's ``flops``).
+    """
+
+    JACOBIAN = "jacobian"
+    NTVP = "ntvp"
+    AUTO = "auto"
+
+
+_MODULES: dict[Implementation, ModuleType] = {Implementation.JACOBIAN: jacobian, Implementation.NTVP: ntvp}
+
+
+def _choose(profile: ModelProfile, n1: int, n2: int) -> Implementation:
+    costs = {impl: module.flops(profile, n1, n2) for impl, module in _MODULES.items()}
+    choice = min(costs, key=costs.get)
+    logger.debug("auto implementation: %s (estimated FLOPs %s)", choice.value,
+                 {impl.value: f"{cost:.3g}" for impl, cost in costs.items()})
+    return choice
+
+
+def _nan_if_nonfinite(kernel: jax.Array) -> jax.Array:
+    """Replace non-finite entries by NaN and warn at run time (works under ``jit``)."""
+    finite = jnp.isfinite(kernel)
+    jax.debug.callback(_warn_nonfinite, jnp.sum(~finite), kernel.size)
+    return jnp.where(finite, kernel, jnp.nan)
+
+
+def _warn_nonfinite(count, size) -> None:
+    if int(count):
+        warnings.warn(
+            f"the NTK has {int(count)} of {int(size)} non-finite entries, returned as NaN: the model's outputs "
+            "or gradients are NaN or overflow at these parameters",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def ntk_fn(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    *,
+    trace_axes: Sequence[int] = (-1,),
+    implementation: str | Implementation = "auto",
+    diagonal: bool = False,
+    memory_budget: int | None = None,
+    precision: str | None = "highest",
+) -> Callable[..., jax.Array]:
+    """Empirical neural tangent kernel of ``apply_fn`` with respect to all of ``params``.
+
+    .. math::
+       Θ_{ij} = \\sum_{k ∈ \\text{traced}} \\Big\\langle \\frac{∂f_k(x_i)}{∂θ}, \\frac{∂f_k(x_j)}{∂θ} \\Big\\rangle
+
+    Traced output axes are *summed* (neural-tangents averages them: its kernel is ours divided by
+    the traced size).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, *out)``, one array; samples must not interact (put
+        BatchNorm in eval mode). See :func:`ntkcv.from_linen` and :func:`ntkcv.from_nnx` for Flax models.
+      trace_axes: output axes to sum over (axis 0 is the batch); ``()`` keeps all outputs.
+      implementation: ``"jacobian"``, ``"ntvp"`` or ``"auto"`` (see :class:`Implementation`).
+      diagonal: return only ``Θ(x_i, x_i)``: ``(N,)`` traced, ``(N, k, k, …)`` otherwise; never builds
+        the ``N × N`` kernel.
+      memory_budget: bytes one tile may use (default: half the device memory, a quarter of host RAM
+        on CPU); larger probe sets are computed in tiles.
+      precision: matmul precision (``"highest"``: full float32 even where the default is TF32; pass
+        ``"default"`` or ``"tensorfloat32"`` to trade accuracy for speed).
+
+    Returns:
+      ``kernel_fn(params, x1, x2=None)``, jitted, giving ``(N₁, N₂)`` for fully traced outputs or
+      ``(N₁, N₂, k₁, k₁, k₂, k₂, …)`` (neural-tangents' order) otherwise; see
+      :func:`ntkcv.flatten_kernel` for ``(N₁·K, N₂·K)``. With ``diagonal=True``: ``kernel_fn(params, x)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ntkcv
+      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]
+      >>> params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
+      >>> ntkcv.ntk_fn(apply_fn)(params, jnp.ones((5, 3))).shape
+      (5, 5)
+    """
+    try:
+        impl = Implementation(implementation)
+    except ValueError:
+        allowed = ", ".join(repr(i.value) for i in Implementation)
+        raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}") from None
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be callable as apply_fn(params, x), got {type(apply_fn).__name__}")
+    if isinstance(trace_axes, int) or not all(isinstance(a, int) for a in trace_axes):
+        raise TypeError(f"trace_axes must be a sequence of ints, got {trace_axes!r}")
+    trace_axes = tuple(trace_axes)
+    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+
+    def prepare(params, x1, x2):
+        num_params = check_params(params)
+        check_inputs(x1, x2)
+        layout = output_layout(apply_fn, params, x1, trace_axes)
+        f = canonical_fn(apply_fn, layout)
+        profile = profile_model(f, params, x1, layout.kept_size, layout.traced_size, num_params)
+        n1 = x1.shape[0]
+        n2 = n1 if x2 is None else x2.shape[0]
+        chosen = _choose(profile, n1, n2) if impl is Implementation.AUTO else impl
+        budget = default_memory_budget() if memory_budget is None else memory_budget
+        return layout, f, profile, _MODULES[chosen], budget
+
+    @jax.jit
+    def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
+        with jax.default_matmul_precision(precision):
+            layout, f, profile, module, budget = prepare(params, x1, x2)
+            n2 = x1.shape[0] if x2 is None else x2.shape[0]
+            tiles = plan_tiles(x1.shape[0], n2, lambda b1, b2: module.tile_bytes(profile, b1, b2), budget,
+                               len(jax.local_devices()))
+            kernel = tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b), x1, x2, tiles)
+            return _nan_if_nonfinite(layout.unflatten_kernel(kernel))
+
+    @jax.jit
+    def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
+        with jax.default_matmul_precision(precision):
+            layout, f, profile, module, budget = prepare(params, x, None)
+            tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: module.tile_bytes(profile, b1, 1), budget,
+                                 len(jax.local_devices()))
+            diag = tiled_diagonal(lambda t: module.diagonal_tile(f, params, t), x, tile)
+            return _nan_if_nonfinite(layout.unflatten_diagonal(diag))
+
+    return diagonal_fn if diagonal else kernel_fn

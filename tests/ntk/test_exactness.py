@@ -1,0 +1,77 @@
+"""Every implementation against a dense ``jax.jacrev`` kernel on every test model."""
+
+import jax
+import numpy as np
+import pytest
+
+import ntkcv
+from tests.ntk.models import CASES, make_case, reference_kernel, relative_error
+
+IMPLEMENTATIONS = ["jacobian", "ntvp", "auto"]
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_traced_and_full_kernels_match_dense_reference(case, implementation, dtype):
+    model, x1, x2 = make_case(case, dtype)
+    out_ndim = jax.eval_shape(model.apply_fn, model.params, x1).ndim
+    for trace_axes in [(-1,), ()] + ([tuple(range(1, out_ndim))] if out_ndim > 2 else []):
+        kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation)
+        for a, b in [(x1, None), (x1, x2)]:
+            actual = kernel_fn(model.params, a, b)
+            expected = reference_kernel(model.apply_fn, model.params, a, a if b is None else b, trace_axes)
+            assert actual.shape == expected.shape
+            assert actual.dtype == dtype
+            assert relative_error(actual, expected) <= TOLERANCE[np.dtype(dtype).name], (case, trace_axes)
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntvp"])
+@pytest.mark.parametrize("trace_axes", [(-1,), ()])
+def test_tiles_with_sizes_that_do_not_divide_n(implementation, trace_axes, dtype):
+    model, _, _ = make_case("mlp_tanh", dtype)
+    x1 = jax.random.normal(jax.random.key(1), (11, 6), dtype)
+    x2 = jax.random.normal(jax.random.key(2), (7, 6), dtype)
+    whole = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation)
+    # a budget that fits a 3 x 3 tile of this model but not 4 x 4 (the plan picks the largest square tile)
+    kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation,
+                             memory_budget=_budget_for_tile(model, x1, trace_axes, implementation, 3))
+    expected = reference_kernel(model.apply_fn, model.params, x1, x2, trace_axes)
+    assert relative_error(kernel_fn(model.params, x1, x2), expected) <= TOLERANCE[np.dtype(dtype).name]
+    np.testing.assert_allclose(kernel_fn(model.params, x1), whole(model.params, x1), rtol=1e-5, atol=1e-6)
+
+
+def _budget_for_tile(model, x, trace_axes, implementation, tile):
+    from ntkcv.ntk import jacobian, ntvp
+    from ntkcv.ntk.layout import canonical_fn, output_layout
+    from ntkcv.ntk.profile import profile_model
+    from ntkcv.ntk.validate import check_params
+
+    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
+    f = canonical_fn(model.apply_fn, layout)
+    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
+    module = {"jacobian": jacobian, "ntvp": ntvp}[implementation]
+    return module.tile_bytes(profile, tile, tile)
+
+
+@pytest.mark.parametrize("case", ["mlp_tanh", "sequence", "nnx"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_diagonal_mode_equals_diagonal_of_full_kernel(case, implementation, dtype):
+    model, x1, _ = make_case(case, dtype)
+    for trace_axes in [(-1,), ()]:
+        full = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation)(model.params, x1)
+        diag = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation,
+                            diagonal=True)(model.params, x1)
+        n = x1.shape[0]
+        expected = np.stack([np.asarray(full)[i, i] for i in range(n)])
+        assert diag.shape == expected.shape
+        np.testing.assert_allclose(diag, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_diagonal_mode_never_builds_the_n_by_n_kernel():
+    """Compiled memory of the diagonal grows linearly in N: at N=2048 an N x N float32 kernel would be 16 MiB."""
+    model, _, _ = make_case("mlp_tanh")
+    x = jax.random.normal(jax.random.key(0), (2048, 6))
+    diagonal_fn = ntkcv.ntk_fn(model.apply_fn, diagonal=True, implementation="jacobian")
+    memory = jax.jit(diagonal_fn).lower(model.params, x).compile().memory_analysis()
+    assert memory.temp_size_in_bytes + memory.output_size_in_bytes < 2048 * 2048 * 4 / 4
