@@ -1,0 +1,86 @@
+"""The reference MLP and CNN of the NTK benchmarks, built exactly like the peer's specs
+(``../shared/peer/nt_kernel.py``: same modules, same parameter names), and the peer runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+MLP_SPEC = {"kind": "mlp", "features": [512, 512, 512, 10], "activation": "tanh"}
+CNN_SPEC = {"kind": "cnn", "conv": [32, 64], "kernel": [3, 3], "pool": 2, "dense": [128, 10], "activation": "relu"}
+ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
+PEER_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "peer"
+PEER_PYTHON = pathlib.Path(os.environ.get("NTKCV_PEER_VENV", pathlib.Path.home() / ".cache/ntkcv-peer")) / "bin/python"
+
+
+class MLP(nn.Module):
+    features: tuple[int, ...]
+    activation: str = "tanh"
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.features):
+            x = nn.Dense(width)(x)
+            if i < len(self.features) - 1:
+                x = ACTIVATIONS[self.activation](x)
+        return x
+
+
+class CNN(nn.Module):
+    conv: tuple[int, ...]
+    kernel: tuple[int, int]
+    pool: int
+    dense: tuple[int, ...]
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x):
+        for channels in self.conv:
+            x = ACTIVATIONS[self.activation](nn.Conv(channels, tuple(self.kernel))(x))
+            if self.pool > 1:
+                x = nn.avg_pool(x, (self.pool, self.pool), (self.pool, self.pool))
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.dense):
+            x = nn.Dense(width)(x)
+            if i < len(self.dense) - 1:
+                x = ACTIVATIONS[self.activation](x)
+        return x
+
+
+def build(spec: dict) -> nn.Module:
+    if spec["kind"] == "mlp":
+        return MLP(tuple(spec["features"]), spec["activation"])
+    return CNN(tuple(spec["conv"]), tuple(spec["kernel"]), spec["pool"], tuple(spec["dense"]), spec["activation"])
+
+
+def peer_available() -> bool:
+    return PEER_PYTHON.exists() and (PEER_DIR / "nt_kernel.py").exists()
+
+
+def run_peer(spec: dict, x: np.ndarray, variables, trace_axes=(-1,), implementations=(1, 2, 3), reps=3,
+             timeout=1800) -> dict:
+    """neural-tangents' kernels (as it returns them: averaged over traced axes) and median seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        np.savez(tmp / "x.npz", x=np.asarray(x))
+        flat = flatten_dict(jax.device_get(dict(variables)))
+        np.savez(tmp / "params.npz", **{"/".join(k): np.asarray(v) for k, v in flat.items()})
+        command = [str(PEER_PYTHON), str(PEER_DIR / "nt_kernel.py"), "--spec", str(tmp / "spec.json"),
+                   "--inputs", str(tmp / "x.npz"), "--params", str(tmp / "params.npz"), "--out", str(tmp / "out.npz"),
+                   "--trace-axes", ",".join(map(str, trace_axes)),
+                   "--implementations", ",".join(map(str, implementations)), "--reps", str(reps)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if result.returncode != 0:
+            raise RuntimeError(f"peer failed: {result.stderr[-2000:]}")
+        return dict(np.load(tmp / "out.npz"))
