@@ -1,0 +1,176 @@
+"""The training monitor: call it from any training loop; it computes NTK collective variables on a
+schedule and writes them, with the loop's own scalars, to its sinks.
+
+Example::
+
+    monitor = ntkcv.NTKMonitor(model, probes=x_probe, labels=y_probe,
+                               schedule=ntkcv.Schedule(every_steps=50),
+                               sinks=[TensorBoardSink("runs/mlp")])
+    for step in range(num_steps):
+        params, opt_state, loss = train_step(params, opt_state, batch)
+        monitor(step, params, loss=loss)
+    monitor.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkcv.cv import collective_variables, spectrum, weight_spectra
+from ntkcv.cv.estimators import entropy_slq, trace_hutchpp
+from ntkcv.models import Model
+from ntkcv.ntk import ntk_fn, ntk_operator
+from ntkcv.schedule import Schedule
+
+logger = logging.getLogger("ntkcv.monitor")
+
+BATCH = "batch"  # probes=BATCH: use the minibatch passed to each call
+
+
+class NTKMonitor:
+    """Computes NTK collective variables during training and streams them to sinks.
+
+    Args:
+      model: a :class:`ntkcv.Model` (from ``from_linen``/``from_nnx``/``from_function``) or a plain
+        ``apply_fn(params, x)``.
+      probes: probe inputs ``(N, …)``, fixed over training, or ``"batch"`` to use the ``batch`` passed
+        to each call.
+      labels: probe labels (integer ``(N,)`` or targets ``(N, C)``) for the alignment and class-wise CVs.
+      schedule: when to compute (default every 100 steps).
+      cvs: names from :data:`ntkcv.cv.AVAILABLE` (exact), or ``"entropy"``/``"trace"`` when
+        ``matrix_free`` is set.
+      matrix_free: estimate entropy and trace from the matrix-free operator (stochastic Lanczos
+        quadrature and Hutch++) instead of building Θ; values come with standard errors
+        (``cv/<name>_stderr``).
+      num_probes, num_matvecs, seed: budget and randomness of the matrix-free estimators.
+      log_spectrum: also write the eigenvalue spectrum as an array (a histogram in TensorBoard).
+      weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``).
+      trace_axes, implementation: passed to :func:`ntkcv.ntk_fn`.
+      sinks: objects with ``write_scalars``, ``write_arrays``, ``flush`` and ``close``.
+
+    Calling ``monitor(step, params, batch=None, **scalars)`` writes ``scalars`` under ``train/…`` on
+    every call and, when the schedule fires, the CVs under ``cv/…``; it returns what it computed as
+    host floats. The computation is jitted once per probe shape; results are fetched with one
+    ``jax.device_get`` per firing. Non-finite CVs are logged as NaN with a warning; they never raise.
+    """
+
+    def __init__(
+        self,
+        model: Model | Callable,
+        probes: Any = None,
+        *,
+        labels: Any = None,
+        schedule: Schedule | None = None,
+        cvs: Sequence[str] = ("entropy", "effective_entropy", "trace"),
+        matrix_free: bool = False,
+        num_probes: int = 30,
+        num_matvecs: int = 30,
+        seed: int = 0,
+        log_spectrum: bool = True,
+        weight_metrics: bool = False,
+        trace_axes: Sequence[int] = (-1,),
+        implementation: str = "auto",
+        sinks: Sequence[Any] = (),
+    ):
+        self.apply_fn = model.apply_fn if isinstance(model, Model) else model
+        if not callable(self.apply_fn):
+            raise TypeError(f"model must be an ntkcv.Model or a callable apply_fn, got {type(model).__name__}")
+        if probes is None:
+            raise ValueError("probes must be an array of probe inputs (N, ...) or 'batch'")
+        if isinstance(probes, str) and probes != BATCH:
+            raise ValueError(f"probes must be an array or {BATCH!r}, got {probes!r}")
+        self.probes = probes if isinstance(probes, str) else jnp.asarray(probes)
+        self.labels = None if labels is None else jnp.asarray(labels)
+        if self.labels is not None and not isinstance(probes, str) and self.labels.shape[0] != self.probes.shape[0]:
+            raise ValueError(f"labels must have one row per probe: {self.probes.shape[0]} probes, "
+                             f"labels of shape {self.labels.shape}")
+        self.schedule = schedule or Schedule(every_steps=100)
+        self.cvs = tuple(cvs)
+        if matrix_free and not set(self.cvs) <= {"entropy", "trace"}:
+            raise ValueError(f"matrix_free supports the cvs 'entropy' and 'trace', got {list(self.cvs)}")
+        self.matrix_free, self.log_spectrum, self.weight_metrics = matrix_free, log_spectrum, weight_metrics
+        self.sinks = list(sinks)
+        self.trace_count = 0  # how often the CV computation was traced (compiled)
+        kernel_fn = ntk_fn(self.apply_fn, trace_axes=trace_axes, implementation=implementation)
+        num_classes = None
+        if self.labels is not None and jnp.issubdtype(self.labels.dtype, jnp.integer):
+            num_classes = int(self.labels.max()) + 1
+
+        def exact(params, x, labels):
+            self.trace_count += 1
+            kernel = kernel_fn(params, x)
+            values = collective_variables(kernel, self.cvs, labels=labels, num_classes=num_classes)
+            return values, (spectrum(kernel) if log_spectrum else None)
+
+        def estimated(params, x, labels):
+            self.trace_count += 1
+            op = ntk_operator(self.apply_fn, params, x, trace_axes=trace_axes)
+            key_entropy, key_trace = jax.random.split(jax.random.key(seed))
+            values = {}
+            if "entropy" in self.cvs:
+                est = entropy_slq(op.matvec, key_entropy, n=op.dim, num_probes=num_probes,
+                                  num_matvecs=min(num_matvecs, op.dim), dtype=op.dtype)
+                values.update(entropy=est.value, entropy_stderr=est.stderr)
+            if "trace" in self.cvs:
+                est = trace_hutchpp(op.matvec, key_trace, n=op.dim, num_matvecs=min(num_probes, 3 * op.dim),
+                                    dtype=op.dtype)
+                values.update(trace=est.value, trace_stderr=est.stderr)
+            return values, None
+
+        self._compute = jax.jit(estimated if matrix_free else exact)
+
+    def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
+        """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""
+        step = int(step)
+        values = {f"train/{name}": value for name, value in scalars.items()}
+        arrays = {}
+        if self.schedule(step):
+            x = self._probe_inputs(batch)
+            cvs, eigenvalues = self._compute(params, x, self.labels)
+            values.update({f"cv/{name}": value for name, value in cvs.items()})
+            if eigenvalues is not None:
+                arrays["cv/spectrum"] = eigenvalues
+            if self.weight_metrics:
+                values.update({f"weights/{k}": v for k, v in weight_spectra(jax.device_get(params)).summary.items()})
+        values, arrays = jax.device_get((values, arrays))
+        values = {name: float(np.asarray(value)) for name, value in values.items()}
+        bad = sorted(name for name, value in values.items() if name.startswith("cv/") and not np.isfinite(value))
+        if bad:
+            warnings.warn(f"step {step}: non-finite collective variables {bad} logged as NaN", RuntimeWarning,
+                          stacklevel=2)
+            values.update({name: float("nan") for name in bad})
+        for sink in self.sinks:
+            if values:
+                sink.write_scalars(step, values)
+            if arrays:
+                sink.write_arrays(step, {name: np.asarray(a) for name, a in arrays.items()})
+        return values
+
+    def _probe_inputs(self, batch: Any) -> jax.Array:
+        if not isinstance(self.probes, str):
+            return self.probes
+        if batch is None:
+            raise ValueError("probes='batch' needs the minibatch: call monitor(step, params, batch=x, ...)")
+        return jnp.asarray(batch)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> NTKMonitor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+

@@ -1,0 +1,116 @@
+"""The monitor with a fake sink and a fake clock: schedules, values, compilation count, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntkcv
+from ntkcv.cv import collective_variables
+
+
+class RecordingSink:
+    def __init__(self):
+        self.scalars, self.arrays, self.flushed, self.closed = {}, {}, 0, False
+
+    def write_scalars(self, step, scalars):
+        for name, value in scalars.items():
+            self.scalars.setdefault(name, []).append((step, value))
+
+    def write_arrays(self, step, arrays):
+        for name, value in arrays.items():
+            self.arrays.setdefault(name, []).append((step, value))
+
+    def flush(self):
+        self.flushed += 1
+
+    def close(self):
+        self.closed = True
+
+
+def _model():
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w": jax.random.normal(keys[0], (5, 16)), "v": jax.random.normal(keys[1], (16, 3))}
+    apply_fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]  # noqa: E731
+    return apply_fn, params, jax.random.normal(keys[2], (12, 5))
+
+
+def test_values_match_the_kernel_and_go_to_sinks_on_schedule():
+    apply_fn, params, x = _model()
+    sink = RecordingSink()
+    labels = jnp.arange(12) % 3
+    monitor = ntkcv.NTKMonitor(apply_fn, x, labels=labels, schedule=ntkcv.Schedule(every_steps=5),
+                               cvs=("entropy", "trace", "target_alignment"), sinks=[sink])
+    for step in range(11):
+        params = jax.tree_util.tree_map(lambda a: a * 1.01, params)
+        values = monitor(step, params, loss=1.0 / (step + 1))
+        if step % 5 == 0:
+            expected = collective_variables(ntkcv.ntk_fn(apply_fn)(params, x), ["entropy", "trace", "target_alignment"],
+                                            labels=labels)
+            for name, value in expected.items():
+                np.testing.assert_allclose(values[f"cv/{name}"], value, rtol=1e-5)
+        else:
+            assert not any(name.startswith("cv/") for name in values)
+    assert [s for s, _ in sink.scalars["cv/entropy"]] == [0, 5, 10]
+    assert [s for s, _ in sink.scalars["train/loss"]] == list(range(11))
+    assert [s for s, _ in sink.arrays["cv/spectrum"]] == [0, 5, 10]
+    assert sink.arrays["cv/spectrum"][0][1].shape == (12,)
+    assert monitor.trace_count == 1  # compiled once for the probe shape
+    monitor.close()
+    assert sink.closed
+
+
+def test_time_schedule_with_fake_clock_and_log_spaced_steps():
+    now = [0.0]
+    schedule = ntkcv.Schedule(every_secs=10, clock=lambda: now[0])
+    fired = []
+    for step in range(6):
+        fired.append(schedule(step))
+        now[0] += 4
+    assert fired == [True, False, False, True, False, False]
+    log = ntkcv.Schedule(log_spaced=(1, 1000, 4))
+    assert sorted(log.steps) == [1, 10, 100, 1000]
+    with pytest.raises(ValueError, match="never fires"):
+        ntkcv.Schedule()
+
+
+def test_batch_probes_compile_once_per_shape_and_matrix_free():
+    apply_fn, params, x = _model()
+    monitor = ntkcv.NTKMonitor(apply_fn, "batch", schedule=ntkcv.Schedule(every_steps=1), cvs=("entropy", "trace"),
+                               matrix_free=True, num_probes=60, num_matvecs=12)
+    exact = collective_variables(ntkcv.ntk_fn(apply_fn)(params, x), ["entropy", "trace"])
+    values = monitor(0, params, batch=x)
+    assert abs(values["cv/entropy"] - float(exact["entropy"])) <= 4 * values["cv/entropy_stderr"] + 1e-3
+    assert abs(values["cv/trace"] - float(exact["trace"])) <= 4 * values["cv/trace_stderr"] + 1e-3 * exact["trace"]
+    monitor(1, params, batch=x + 1)
+    assert monitor.trace_count == 1
+    monitor(2, params, batch=x[:7])
+    assert monitor.trace_count == 2
+    with pytest.raises(ValueError, match="needs the minibatch"):
+        monitor(3, params)
+
+
+def test_nan_parameters_log_nan_and_continue():
+    apply_fn, params, x = _model()
+    sink = RecordingSink()
+    monitor = ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_steps=1), sinks=[sink])
+    bad = {**params, "w": params["w"].at[0, 0].set(jnp.nan)}
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        values = monitor(0, bad, loss=float("nan"))
+    assert np.isnan(values["cv/entropy"])
+    values = monitor(1, params, loss=0.5)
+    assert np.isfinite(values["cv/entropy"])
+    assert [s for s, _ in sink.scalars["cv/entropy"]] == [0, 1]
+
+
+def test_bad_input_names_the_problem():
+    apply_fn, params, x = _model()
+    with pytest.raises(ValueError, match="probes"):
+        ntkcv.NTKMonitor(apply_fn)
+    with pytest.raises(ValueError, match="one row per probe"):
+        ntkcv.NTKMonitor(apply_fn, x, labels=jnp.zeros(3, int))
+    with pytest.raises(ValueError, match="Unknown collective variables"):
+        ntkcv.NTKMonitor(apply_fn, x, cvs=("entropyy",), schedule=ntkcv.Schedule(every_steps=1))(0, params)
+    monitor = ntkcv.NTKMonitor(apply_fn, jnp.ones((4, 7)), schedule=ntkcv.Schedule(every_steps=1))
+    with pytest.raises(TypeError, match="dot_general"):  # wrong feature shape: the model's own error
+        monitor(0, params)
