@@ -1,0 +1,206 @@
+"""HDF5 sink, via h5py (imported only here)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ntkcv.sinks.base import Sink, check_step
+
+_RESERVED = ("step", "value", "shape")
+
+
+class HDF5Sink(Sink):
+    """Appends scalars and arrays to an HDF5 file that can be read while it is written.
+
+    Layout (every dataset resizable along its first axis, chunked)::
+
+        /scalars/<name>/step    int64   (rows,)          training step of each row
+        /scalars/<name>/value   float64 (rows,)
+        /arrays/<name>/step     int64   (rows,)
+        /arrays/<name>/value    float   (rows, *max_shape)  NaN-padded to the largest array so far
+        /arrays/<name>/shape    int64   (rows, ndim)     each row's true shape
+        /hparams                group; one attribute per hyper-parameter (non-scalars stored as str)
+        /hparam_metrics         group; one attribute per metric given to ``write_hparams``
+        attributes of /: ``ntkcv_version``, ``created`` (ISO 8601, first session), ``opened`` (this session)
+
+    Each name has its own ``step`` dataset, so names written on different schedules (the loss every
+    step, the CVs every 50) stay explicit. A name with ``/`` nests groups (``scalars/cv/entropy/value``).
+    Arrays keep a floating dtype (others become float64) and one rank per name; a differently sized
+    array widens the dataset, older rows padded with NaN. Nothing is dropped.
+
+    Concurrent reading: with ``swmr=True`` the file enters HDF5's single-writer/multiple-reader mode at
+    the first write of a step after this session's first step, and every write is flushed, so readers can
+    open it with ``h5py.File(path, "r", libver="latest", swmr=True)`` and ``refresh()`` datasets. SWMR
+    forbids creating objects, so a name first seen later, or ``write_hparams`` after that point, makes
+    the sink reopen the file; readers should then reopen it to see the new name.
+
+    Resuming: an existing file is appended to. Pass ``resume_from_step=s`` when a run restarts from a
+    checkpoint at step ``s``: rows with step ``>= s`` are deleted first, so the resumed run leaves no
+    duplicate and no missing step (``resume_from_step=0`` empties the file).
+
+    Args:
+      path: the file; created if absent.
+      resume_from_step: delete rows with ``step >= resume_from_step`` on opening.
+      swmr: allow readers while writing (needs HDF5 >= 1.10 files, ``libver="latest"``).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_from_step: int | None = None, swmr: bool = True):
+        if resume_from_step is not None:
+            resume_from_step = check_step(resume_from_step)
+        self.path = os.fspath(path)
+        self.swmr = swmr
+        self._first_step: int | None = None
+        self._file: h5py.File | None = h5py.File(self.path, "a", libver="latest")
+        now = datetime.datetime.now(datetime.UTC).isoformat()
+        from ntkcv import __version__
+
+        self._file.attrs["ntkcv_version"] = __version__
+        self._file.attrs.setdefault("created", now)
+        self._file.attrs["opened"] = now
+        if resume_from_step is not None:
+            for group in _step_groups(self._file):
+                _truncate(group, resume_from_step)
+        self._file.flush()
+
+    @property
+    def file(self) -> h5py.File:
+        """The open ``h5py.File``; raises once the sink is closed."""
+        if self._file is None:
+            raise ValueError(f"HDF5Sink({self.path!r}) is closed")
+        return self._file
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        step = self._begin(step)
+        for name, value in scalars.items():
+            group = self._group("scalars", name, lambda g: _create_scalar(g))
+            _append(group, step, value=np.float64(value))
+        self.file.flush()
+
+    def write_arrays(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
+        step = self._begin(step)
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if not np.issubdtype(array.dtype, np.floating):
+                array = array.astype(np.float64)
+            group = self._group("arrays", name, lambda g, a=array: _create_array(g, a))
+            value = group["value"]
+            if value.ndim - 1 != array.ndim:
+                raise ValueError(f"array {name!r} has {value.ndim - 1} dimensions in {self.path}, got shape "
+                                 f"{array.shape}")
+            widest = tuple(max(a, b) for a, b in zip(value.shape[1:], array.shape, strict=True))
+            if widest != value.shape[1:]:
+                value.resize((value.shape[0], *widest))  # fillvalue NaN pads the older rows
+            padded = np.full(widest, np.nan, dtype=value.dtype)
+            padded[tuple(slice(0, n) for n in array.shape)] = array
+            _append(group, step, value=padded, shape=np.asarray(array.shape, dtype=np.int64))
+        self.file.flush()
+
+    def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        self._reopen_if_swmr()
+        for group_name, values in (("hparams", hparams), ("hparam_metrics", metrics or {})):
+            group = self.file.require_group(group_name)
+            for name, value in values.items():
+                group.attrs[name] = _attribute_value(value)
+        self.file.flush()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _begin(self, step: int) -> int:
+        """Validates ``step`` and enters SWMR mode once this session's first step is complete."""
+        step = check_step(step)
+        if self._first_step is None:
+            self._first_step = step
+        elif self.swmr and step != self._first_step and not self.file.swmr_mode:
+            self.file.swmr_mode = True
+        return step
+
+    def _group(self, kind: str, name: str, create) -> h5py.Group:
+        if not name or name.split("/")[-1] in _RESERVED:
+            raise ValueError(f"{kind[:-1]} name must be non-empty and must not end in one of {_RESERVED}, "
+                             f"got {name!r}")
+        path = f"{kind}/{name}"
+        group = self.file.get(path)
+        if not isinstance(group, h5py.Group) or "step" not in group:
+            swmr = self._reopen_if_swmr()
+            group = self.file.require_group(path)
+            create(group)
+            if swmr:
+                self.file.swmr_mode = True
+        return group
+
+    def _reopen_if_swmr(self) -> bool:
+        """Leaves SWMR mode (to create objects) by reopening; returns whether it did."""
+        if not self.file.swmr_mode:
+            return False
+        self.file.close()
+        # SWMR readers hold a shared lock that would refuse a plain writer; SWMR keeps them consistent.
+        self._file = h5py.File(self.path, "a", libver="latest", locking=False)
+        return True
+
+
+def _create_scalar(group: h5py.Group) -> None:
+    group.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+    group.create_dataset("value", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,))
+
+
+def _create_array(group: h5py.Group, array: np.ndarray) -> None:
+    group.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
+    group.create_dataset("shape", shape=(0, array.ndim), maxshape=(None, array.ndim), dtype=np.int64,
+                         chunks=(256, max(array.ndim, 1)))
+    group.create_dataset("value", shape=(0, *array.shape), maxshape=(None,) * (array.ndim + 1),
+                         dtype=array.dtype, chunks=True, fillvalue=np.nan)
+
+
+def _append(group: h5py.Group, step: int, **values: np.ndarray) -> None:
+    rows = group["step"].shape[0]
+    for name, value in (("step", np.int64(step)), *values.items()):
+        dataset = group[name]
+        dataset.resize(rows + 1, axis=0)
+        dataset[rows] = value
+
+
+def _step_groups(file: h5py.File) -> list[h5py.Group]:
+    groups = []
+    for kind in ("scalars", "arrays"):
+        if kind in file:
+            file[kind].visititems(lambda _, obj: groups.append(obj)
+                                  if isinstance(obj, h5py.Group) and "step" in obj else None)
+    return groups
+
+
+def _truncate(group: h5py.Group, step: int) -> None:
+    """Deletes the rows of ``group``'s datasets whose step is ``>= step``."""
+    keep = np.flatnonzero(group["step"][:] < step)
+    if keep.size == group["step"].shape[0]:
+        return
+    prefix = np.array_equal(keep, np.arange(keep.size))
+    for name in ("step", "value", "shape"):
+        if name in group:
+            dataset = group[name]
+            kept = None if prefix else dataset[keep]
+            dataset.resize(keep.size, axis=0)
+            if kept is not None and keep.size:
+                dataset[...] = kept
+
+
+def _attribute_value(value: Any) -> Any:
+    """Numbers, bools, strings and numeric arrays as they are; anything else (None, dicts) as its ``str``."""
+    if isinstance(value, bool | int | float | str | np.generic):
+        return value
+    array = np.asarray(value) if isinstance(value, list | tuple | np.ndarray) else None
+    if array is not None and array.dtype.kind in "biuf":
+        return array
+    return str(value)

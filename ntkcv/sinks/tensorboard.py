@@ -1,0 +1,142 @@
+"""TensorBoard sink, via tensorboardX (imported only here)."""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorboardX
+from tensorboardX.summary import hparams as hparams_summaries
+
+from ntkcv.sinks.base import Sink, check_step
+
+#: Charts on the "ntkcv" custom-scalars page: chart title -> regexes of the scalar tags it overlays.
+DEFAULT_LAYOUT: Mapping[str, Sequence[str]] = {
+    "entropy": ["^cv/entropy$", "^cv/effective_entropy$"],
+    "trace": ["^cv/trace$"],
+    "loss": ["^train/loss$"],
+}
+
+
+class TensorBoardSink(Sink):
+    """Writes TensorBoard event files into one run directory.
+
+    Scalars go under the names given; each array becomes a histogram (the eigenvalue spectrum as the
+    distribution of its eigenvalues; non-finite entries are left out, an array with none finite is
+    dropped). Hyper-parameters are written into the same run directory (tensorboardX's ``add_hparams``
+    would make a sub-run); their ``metrics`` are also written as scalars at the latest step seen, so the
+    HParams dashboard can show them. Nothing is dropped otherwise.
+
+    Args:
+      logdir: the run directory.
+      purge_step: when resuming from step ``s``, pass ``purge_step=s``: TensorBoard then hides the events
+        of earlier sessions with step ``>= s``, so a step written again shows once.
+      flush_secs: flush pending events to disk at least this often (and on ``flush``/``close``).
+      max_queue: flush once this many events are pending.
+      layout: the custom-scalars page "ntkcv" as chart title -> tag regexes (default: entropy, trace and
+        loss); ``None`` writes no layout.
+      bins: histogram bins, as for ``SummaryWriter.add_histogram`` (``"tensorflow"``: exponential bins
+        that suit spectra over many orders of magnitude).
+
+    Example::
+
+        with TensorBoardSink("runs/mlp", purge_step=resume_step) as sink:
+            sink.write_scalars(step, {"train/loss": 0.3, "cv/entropy": 2.1})
+    """
+
+    def __init__(
+        self,
+        logdir: str,
+        *,
+        purge_step: int | None = None,
+        flush_secs: float = 30,
+        max_queue: int = 10,
+        layout: Mapping[str, Sequence[str]] | None = DEFAULT_LAYOUT,
+        bins: str = "tensorflow",
+    ):
+        if purge_step is not None:
+            purge_step = check_step(purge_step)
+        if not flush_secs > 0:
+            raise ValueError(f"flush_secs must be positive, got {flush_secs!r}")
+        self.logdir = str(logdir)
+        self.bins = bins
+        self._last_step = 0 if purge_step is None else purge_step
+        self._writer: tensorboardX.SummaryWriter | None = tensorboardX.SummaryWriter(
+            self.logdir, purge_step=purge_step, flush_secs=flush_secs, max_queue=max_queue,
+            # tensorboardX names event files by the second: a unique, time-ordered suffix keeps a quick
+            # resume from overwriting the previous session's file.
+            filename_suffix=f".{time.time_ns()}")
+        if layout is not None:
+            charts = {title: ["Multiline", list(tags)] for title, tags in layout.items()}
+            self._writer.add_custom_scalars({"ntkcv": charts})
+
+    @property
+    def writer(self) -> tensorboardX.SummaryWriter:
+        """The underlying ``SummaryWriter``; raises once the sink is closed."""
+        if self._writer is None:
+            raise ValueError(f"TensorBoardSink({self.logdir!r}) is closed")
+        return self._writer
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        step = self._see(step)
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, float(value), step)
+
+    def write_arrays(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
+        step = self._see(step)
+        for name, array in arrays.items():
+            values = np.asarray(array, dtype=np.float64).ravel()
+            values = values[np.isfinite(values)]
+            if values.size:
+                self.writer.add_histogram(name, values, step, bins=self.bins)
+
+    def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        metrics = dict(metrics or {})
+        hparams = {name: _hparam_value(value) for name, value in hparams.items() if value is not None}
+        file_writer = self.writer.file_writer
+        for summary in hparams_summaries(hparams, metrics):  # experiment, session start, session end
+            file_writer.add_summary(summary, self._last_step)
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, float(value), self._last_step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            _drain(self._writer.file_writer.event_writer)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _see(self, step: int) -> int:
+        step = check_step(step)
+        self._last_step = max(self._last_step, step)
+        return step
+
+
+def _drain(event_writer: Any) -> None:
+    """Writes out the events still queued for tensorboardX's writer thread.
+
+    tensorboardX's ``flush`` only flushes the file, not the queue its thread consumes, so without this
+    the latest events would appear up to ``flush_secs`` later. Stopping the thread drains the queue
+    (first in, first out); a new thread then takes over. Does nothing if tensorboardX's internals change.
+    """
+    worker = getattr(event_writer, "_worker", None)
+    if worker is None or getattr(event_writer, "_closed", True) or not hasattr(worker, "stop"):
+        return
+    worker.stop()
+    event_writer._worker = type(worker)(event_writer._event_queue, event_writer._ev_writer, event_writer._flush_secs)
+    event_writer._worker.start()
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    """What the HParams plugin can show: bools, numbers and strings; anything else as its ``str``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool | str) or (isinstance(value, numbers.Real)):
+        return value
+    return str(value)

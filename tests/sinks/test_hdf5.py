@@ -1,0 +1,144 @@
+import datetime
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import ntkcv
+from ntkcv.sinks import HDF5Sink
+
+READER = """
+import json, sys, h5py
+with h5py.File(sys.argv[1], "r", libver="latest", swmr=True) as f:
+    loss = f["scalars/train/loss"]
+    for _ in range(2):
+        loss["step"].refresh(); loss["value"].refresh()
+        print(json.dumps([loss["step"][:].tolist(), loss["value"][:].tolist()]), flush=True)
+        sys.stdin.readline()
+"""
+
+
+def test_scalars_and_arrays_round_trip(tmp_path):
+    path = tmp_path / "run.h5"
+    with HDF5Sink(path) as sink:
+        for step in range(10):
+            sink.write_scalars(step, {"train/loss": 1 / (step + 1)})
+        sink.write_scalars(0, {"cv/entropy": 0.5})
+        sink.write_scalars(5, {"cv/entropy": np.float32(0.25)})
+        sink.write_arrays(0, {"cv/spectrum": np.array([3.0, 2.0, 1.0]), "kernel": np.eye(2, dtype=np.float32)})
+        sink.write_arrays(5, {"cv/spectrum": np.arange(5, dtype=np.int32), "kernel": np.ones((3, 3))})
+    with h5py.File(path, "r") as f:
+        loss = f["scalars/train/loss"]
+        np.testing.assert_array_equal(loss["step"][:], np.arange(10))
+        np.testing.assert_allclose(loss["value"][:], 1 / (np.arange(10) + 1))
+        np.testing.assert_array_equal(f["scalars/cv/entropy/step"][:], [0, 5])
+        np.testing.assert_array_equal(f["scalars/cv/entropy/value"][:], [0.5, 0.25])
+        spectrum = f["arrays/cv/spectrum"]
+        np.testing.assert_array_equal(spectrum["step"][:], [0, 5])
+        np.testing.assert_array_equal(spectrum["value"][:], [[3, 2, 1, np.nan, np.nan], [0, 1, 2, 3, 4]])
+        np.testing.assert_array_equal(spectrum["shape"][:], [[3], [5]])
+        kernel = f["arrays/kernel"]
+        assert kernel["value"].dtype == np.float32 and kernel["value"].shape == (2, 3, 3)
+        np.testing.assert_array_equal(kernel["value"][0, :2, :2], np.eye(2))
+        assert np.isnan(kernel["value"][0, 2]).all() and np.isnan(kernel["value"][0, :, 2]).all()
+        np.testing.assert_array_equal(kernel["shape"][:], [[2, 2], [3, 3]])
+        for dataset in (loss["step"], loss["value"], spectrum["value"], kernel["value"]):
+            assert dataset.maxshape == (None,) * dataset.ndim and dataset.chunks is not None
+
+
+def test_metadata_attributes(tmp_path):
+    path = tmp_path / "run.h5"
+    with HDF5Sink(path) as sink:
+        sink.write_hparams({"lr": 0.1, "width": np.int64(64), "optimizer": "adam", "layers": [2, 3], "seed": None,
+                            "extra": {"a": 1}}, {"final/loss": 0.25})
+        sink.write_scalars(0, {"train/loss": 1.0})
+        sink.write_scalars(1, {"train/loss": 1.0})  # SWMR from here on
+        sink.write_hparams({"note": "late"})  # needs the file reopened
+        sink.write_scalars(2, {"train/loss": 0.5})
+    with h5py.File(path, "r") as f:
+        assert f.attrs["ntkcv_version"] == ntkcv.__version__
+        created = datetime.datetime.fromisoformat(f.attrs["created"])
+        assert abs((datetime.datetime.now(datetime.UTC) - created).total_seconds()) < 60
+        hparams = f["hparams"].attrs
+        assert hparams["lr"] == 0.1 and hparams["width"] == 64 and hparams["optimizer"] == "adam"
+        np.testing.assert_array_equal(hparams["layers"], [2, 3])
+        assert hparams["seed"] == "None" and hparams["extra"] == "{'a': 1}" and hparams["note"] == "late"
+        assert f["hparam_metrics"].attrs["final/loss"] == 0.25
+        np.testing.assert_array_equal(f["scalars/train/loss/step"][:], [0, 1, 2])
+
+
+def test_readable_while_written_swmr(tmp_path):
+    path = tmp_path / "run.h5"
+    with HDF5Sink(path) as sink:
+        sink.write_scalars(0, {"train/loss": 1.0})
+        sink.write_scalars(1, {"train/loss": 0.5})
+        assert sink.file.swmr_mode
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert json.loads(reader.stdout.readline()) == [[0, 1], [1.0, 0.5]]
+            sink.write_scalars(2, {"train/loss": 0.25, "cv/trace": 3.0})  # a new name: reopened, reader unharmed
+            reader.stdin.write("\n")
+            reader.stdin.flush()
+            assert json.loads(reader.stdout.readline()) == [[0, 1, 2], [1.0, 0.5, 0.25]]
+            reader.stdin.write("\n")
+            reader.stdin.flush()
+            assert reader.wait(timeout=30) == 0
+        finally:
+            reader.kill()
+        assert sink.file.swmr_mode
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["scalars/cv/trace/value"][:], [3.0])
+
+
+def test_resume_truncates_rows_from_the_resume_step(tmp_path):
+    path = tmp_path / "run.h5"
+    with HDF5Sink(path) as sink:
+        for step in range(10):
+            sink.write_scalars(step, {"train/loss": float(step)})
+            if step % 3 == 0:
+                sink.write_arrays(step, {"cv/spectrum": np.full(2, float(step))})
+    with h5py.File(path, "r") as f:
+        created = f.attrs["created"]
+    with HDF5Sink(path, resume_from_step=5) as sink:
+        for step in range(5, 10):
+            sink.write_scalars(step, {"train/loss": 100.0 + step})
+            if step % 3 == 0:
+                sink.write_arrays(step, {"cv/spectrum": np.full(2, 100.0 + step)})
+    with h5py.File(path, "r") as f:
+        assert f.attrs["created"] == created
+        np.testing.assert_array_equal(f["scalars/train/loss/step"][:], np.arange(10))
+        np.testing.assert_array_equal(f["scalars/train/loss/value"][:], [0, 1, 2, 3, 4, 105, 106, 107, 108, 109])
+        np.testing.assert_array_equal(f["arrays/cv/spectrum/step"][:], [0, 3, 6, 9])
+        np.testing.assert_array_equal(f["arrays/cv/spectrum/value"][:, 0], [0, 3, 106, 109])
+
+
+def test_resume_with_out_of_order_steps_and_plain_append(tmp_path):
+    path = tmp_path / "run.h5"
+    with HDF5Sink(path, swmr=False) as sink:
+        for step in (0, 7, 3, 8):
+            sink.write_scalars(step, {"x": float(step)})
+        assert not sink.file.swmr_mode
+    HDF5Sink(path, resume_from_step=5).close()
+    with HDF5Sink(path) as sink:  # no resume_from_step: appends
+        sink.write_scalars(4, {"x": 4.0})
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["scalars/x/step"][:], [0, 3, 4])
+        np.testing.assert_array_equal(f["scalars/x/value"][:], [0, 3, 4])
+
+
+def test_user_errors(tmp_path):
+    with HDF5Sink(tmp_path / "run.h5") as sink:
+        sink.write_arrays(0, {"cv/spectrum": np.ones(3)})
+        with pytest.raises(ValueError, match="'cv/spectrum' has 1 dimensions"):
+            sink.write_arrays(1, {"cv/spectrum": np.ones((3, 3))})
+        with pytest.raises(ValueError, match="must not end in"):
+            sink.write_scalars(1, {"cv/step": 1.0})
+        with pytest.raises(ValueError, match="step must be"):
+            sink.write_scalars(-1, {"x": 1.0})
+    with pytest.raises(ValueError, match="closed"):
+        sink.write_scalars(2, {"x": 1.0})
+    sink.close()

@@ -1,0 +1,42 @@
+"""The typed config schema: defaults, the shipped configs, and errors that name the key."""
+
+import pathlib
+
+import pytest
+
+from ntkcv.config import ConfigError, RunConfig, load_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_default_yaml_is_the_default_config():
+    assert load_config(CONFIGS / "default.yaml") == load_config() == RunConfig()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.stepz": 1}, "unknown key 'train.stepz'; allowed keys: steps, batch_size"),
+    ({"trainer": {}}, "unknown key 'trainer'; allowed keys: data, model"),
+    ({"optimizer.name": "sgdd"}, "optimizer.name must be one of 'sgd', 'momentum', 'adam', 'adamw'; got 'sgdd'"),
+    ({"train.steps": "many"}, "train.steps must be an integer, got 'many'"),
+    ({"train.steps": 0}, "train.steps must be at least 1, got 0"),
+    ({"optimizer.learning_rate": -1.0}, "optimizer.learning_rate must be positive, got -1.0"),
+    ({"model.widths": [8, "a"]}, r"model.widths\[1\] must be an integer, got 'a'"),
+    ({"monitor.cvs": ["entropi"]}, r"monitor.cvs\[0\] must be one of .*'entropy'.*got 'entropi'"),
+    ({"output.tensorboard": "yes"}, "output.tensorboard must be true or false, got 'yes'"),
+])
+def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
