@@ -42,9 +42,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """Train as the config says (the embedded-digits MLP by default) with the NTK monitor."""
+    from ntkcv.config import ConfigError, load_config
+    from ntkcv.train import train
+
+    overrides = dict(_parse_override(item) for item in args.set)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"ntkcv train: invalid config: {error}", file=sys.stderr)
+        return 2
+    print(f"ntkcv train: {config.model.kind} on {config.data.name}, {config.train.steps} steps; "
+          f"TensorBoard run: tensorboard --logdir {config.output.dir}/tensorboard", flush=True)
+    result = train(config, resume=args.resume)
+    print(f"done in {result['seconds']:.1f} s. TensorBoard: tensorboard --logdir {result['tensorboard']}   "
+          f"HDF5: {result['hdf5']}")
+    print("  " + "  ".join(f"{k}={v:.4g}" for k, v in result.items() if k.startswith("final/")))
+    return 0
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"ntkcv train: --set expects KEY=VALUE (e.g. train.steps=200), got {item!r}")
+    return key, yaml.safe_load(value)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ntkcv.report import make_report
+
+    print(f"report: {make_report(args.run_dir)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ntkcv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model with the NTK monitor (default: MLP on digits)")
+    train.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml's settings)")
+    train.add_argument("--resume", action="store_true", help="continue the run in output.dir from its checkpoint")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    train.set_defaults(run=_train)
+    report = commands.add_parser("report", help="figures and a markdown summary of a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(run=_report)
     demo = commands.add_parser("demo", help="compute the NTK of an MLP on the embedded digits data")
     demo.add_argument("--probes", type=int, default=256, help="number of probe inputs (default 256)")
     demo.add_argument("--width", type=int, default=128, help="hidden width (default 128)")

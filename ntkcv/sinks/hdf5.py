@@ -56,7 +56,7 @@ class HDF5Sink(Sink):
         self.path = os.fspath(path)
         self.swmr = swmr
         self._first_step: int | None = None
-        self._file: h5py.File | None = h5py.File(self.path, "a", libver="latest")
+        self._file: h5py.File | None = _open_or_recover(self.path)
         now = datetime.datetime.now(datetime.UTC).isoformat()
         from ntkcv import __version__
 
@@ -170,6 +170,27 @@ def _append(group: h5py.Group, step: int, **values: np.ndarray) -> None:
         dataset = group[name]
         dataset.resize(rows + 1, axis=0)
         dataset[rows] = value
+
+
+def _open_or_recover(path: str) -> h5py.File:
+    """Open ``path`` for appending; after a crash during SWMR writing, recover it first.
+
+    A process killed while writing in SWMR mode leaves the file's consistency flags set, and HDF5 then
+    refuses to open it for writing (``h5clear -s`` would clear them). The data is intact and readable, so
+    it is copied into a fresh file that replaces the old one.
+    """
+    try:
+        return h5py.File(path, "a", libver="latest")
+    except OSError as error:
+        if "already open for write" not in str(error):
+            raise
+    recovered = f"{path}.recovering"
+    with h5py.File(path, "r", libver="latest", swmr=True) as source, h5py.File(recovered, "w", libver="latest") as copy:
+        for name in source:
+            source.copy(source[name], copy, name)
+        copy.attrs.update(source.attrs)
+    os.replace(recovered, path)
+    return h5py.File(path, "a", libver="latest")
 
 
 def _step_groups(file: h5py.File) -> list[h5py.Group]:

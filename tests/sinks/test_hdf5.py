@@ -142,3 +142,19 @@ def test_user_errors(tmp_path):
     with pytest.raises(ValueError, match="closed"):
         sink.write_scalars(2, {"x": 1.0})
     sink.close()
+
+
+def test_file_left_by_a_killed_swmr_writer_is_recovered_and_appended(tmp_path):
+    path = tmp_path / "crashed.h5"
+    script = (
+        "import os, sys; from ntkcv.sinks import HDF5Sink\n"
+        f"sink = HDF5Sink({str(path)!r})\n"
+        "for step in range(5): sink.write_scalars(step, {'loss': float(step)})\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=False)
+    with HDF5Sink(path, resume_from_step=3) as sink:
+        sink.write_scalars(3, {"loss": 30.0})
+    with h5py.File(path, "r") as store:
+        assert list(store["scalars/loss/step"][()]) == [0, 1, 2, 3]
+        assert list(store["scalars/loss/value"][()]) == [0.0, 1.0, 2.0, 30.0]

@@ -1,0 +1,82 @@
+"""``ntkcv report RUN_DIR``: figures and a markdown summary from a run's HDF5 store."""
+
+from __future__ import annotations
+
+import pathlib
+
+import h5py
+import numpy as np
+
+
+def read_scalars(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (steps, values)}`` for every scalar in the store (readable while a run writes it)."""
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with h5py.File(path, "r", libver="latest", swmr=True) as store:
+        def visit(name, node):
+            if isinstance(node, h5py.Group) and "step" in node and "value" in node:
+                series[name] = (node["step"][()], node["value"][()])
+        if "scalars" in store:
+            store["scalars"].visititems(visit)
+    return series
+
+
+def read_array(path: str | pathlib.Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(steps, rows)`` of an array series such as ``cv/spectrum``, NaN-padded; None if absent."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as store:
+        key = f"arrays/{name}"
+        if key not in store:
+            return None
+        return store[key]["step"][()], store[key]["value"][()]
+
+
+def make_report(run_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write ``report/curves.png``, ``report/spectrum.png`` and ``report/summary.md``; returns the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = pathlib.Path(run_dir)
+    store = run_dir / "ntkcv.h5"
+    if not store.is_file():
+        raise FileNotFoundError(f"{run_dir} has no ntkcv.h5: is it a run directory written with output.hdf5 on?")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    series = read_scalars(store)
+    panels = [name for name in ("train/loss", "cv/entropy", "cv/trace", "train/test_accuracy") if name in series]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], panels, strict=False):
+        steps, values = series[name]
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        ax.set(title=name, xlabel="step")
+        if name in ("train/loss", "cv/trace"):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+    spectrum = read_array(store, "cv/spectrum")
+    if spectrum is not None:
+        steps, rows = spectrum
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            image = np.log10(np.clip(rows, 1e-12, None)).T
+        mesh = ax.imshow(image, aspect="auto", origin="upper", extent=(steps[0], steps[-1], rows.shape[1], 0))
+        fig.colorbar(mesh, ax=ax, label="log10 eigenvalue")
+        ax.set(title="NTK spectrum over training", xlabel="step", ylabel="eigenvalue index (descending)")
+        fig.tight_layout()
+        fig.savefig(out / "spectrum.png", dpi=120)
+        plt.close(fig)
+
+    lines = ["# ntkcv run report", "", f"Run: `{run_dir}`", "", "| quantity | first (step) | last (step) | min | max |",
+             "|---|---|---|---|---|"]
+    for name in sorted(series):
+        steps, values = series[name]
+        if len(values) == 0:
+            continue
+        lines.append(f"| {name} | {values[0]:.4g} ({steps[0]}) | {values[-1]:.4g} ({steps[-1]}) | "
+                     f"{np.nanmin(values):.4g} | {np.nanmax(values):.4g} |")
+    lines += ["", "![curves](curves.png)"] + (["", "![spectrum](spectrum.png)"] if spectrum is not None else [])
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines) + "\n")
+    return summary

@@ -1,0 +1,183 @@
+"""The reference training loop behind ``ntkcv train``: flax + optax, the NTK monitor, orbax checkpoints.
+
+Step ``s`` applies one optimiser update to the parameters; the monitor records the loss of that update
+and, on its schedule, the NTK collective variables of the parameters *before* it. A checkpoint saved at
+step ``s`` holds the state after update ``s``; ``resume=True`` restores the latest checkpoint, purges
+every log row with step ``> s`` (TensorBoard ``purge_step``, HDF5 ``resume_from_step``) and continues
+at ``s + 1``, so a resumed run has no duplicate and no missing step.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ntkcv
+from ntkcv.config import OptimizerConfig, RunConfig, to_dict
+from ntkcv.data import load_dataset, probe_subset
+from ntkcv.monitor import NTKMonitor
+from ntkcv.schedule import Schedule
+from ntkcv.zoo import make_model
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optimiser and learning-rate schedule named in the config."""
+    lr = config.learning_rate
+    schedules = {
+        "constant": lambda: lr,
+        "cosine": lambda: optax.cosine_decay_schedule(lr, total_steps),
+        "warmup_cosine": lambda: optax.warmup_cosine_decay_schedule(
+            0.0, lr, min(config.warmup_steps, total_steps - 1), total_steps),
+        "exponential": lambda: optax.exponential_decay(lr, total_steps, config.decay_rate),
+    }
+    rate = schedules[config.schedule]()
+    optimizers = {
+        "sgd": lambda: optax.sgd(rate),
+        "momentum": lambda: optax.sgd(rate, momentum=config.momentum),
+        "adam": lambda: optax.adam(rate),
+        "adamw": lambda: optax.adamw(rate, weight_decay=config.weight_decay),
+    }
+    return optimizers[config.name]()
+
+
+def _loss_fn(kind: str, num_classes: int | None):
+    def loss(logits, targets):
+        if kind == "cross_entropy":
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        if num_classes is not None:  # MSE on one-hot classification targets
+            targets = jax.nn.one_hot(targets, num_classes)
+        return 0.5 * jnp.mean(jnp.sum((logits - targets) ** 2, axis=-1))
+
+    return loss
+
+
+def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the minibatch of ``step``: a fresh seeded permutation each epoch (resumable)."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def train(config: RunConfig, *, resume: bool = False, console: Any = None) -> dict[str, Any]:
+    """Train as configured; returns the run's final metrics and where its logs are."""
+    import orbax.checkpoint as ocp
+
+    from ntkcv.sinks import ConsoleSink, HDF5Sink, TensorBoardSink
+
+    run_dir = pathlib.Path(config.output.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(config.data.name, path=config.data.path, train_size=config.data.train_size,
+                        test_size=config.data.test_size, seed=config.train.seed)
+    num_outputs = data.num_classes if data.task == "classification" else data.y_train.shape[-1]
+    if data.task == "regression" and config.train.loss != "mse":
+        raise ValueError(f"data set {config.data.name!r} is a regression task: set train.loss to 'mse'")
+    module = make_model(config.model.kind, num_outputs=num_outputs, **_model_options(config))
+    key = jax.random.key(config.train.seed)
+    params = module.init(key, jnp.asarray(data.x_train[:1]))["params"]
+    optimizer = make_optimizer(config.optimizer, config.train.steps)
+    opt_state = optimizer.init(params)
+    loss_fn = _loss_fn(config.train.loss, data.num_classes)
+
+    def apply_fn(p, x):
+        return module.apply({"params": p}, x)
+
+    @jax.jit
+    def train_step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def evaluate(params, x, y):
+        logits = apply_fn(params, x)
+        metrics = {"loss": loss_fn(logits, y)}
+        if data.task == "classification":
+            metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
+        return metrics
+
+    checkpoints = ocp.CheckpointManager(
+        run_dir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(save_interval_steps=config.output.checkpoint_every, max_to_keep=2))
+    start = 0
+    if resume and checkpoints.latest_step() is not None:
+        last = checkpoints.latest_step()
+        state = checkpoints.restore(last, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
+        params, opt_state, start = state["params"], state["opt_state"], last + 1
+    elif not resume and checkpoints.latest_step() is not None:
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another "
+                              "output.dir")
+
+    sinks = []
+    if config.output.tensorboard:
+        sinks.append(TensorBoardSink(str(run_dir / "tensorboard"), purge_step=start if resume else None))
+    if config.output.hdf5:
+        sinks.append(HDF5Sink(run_dir / "ntkcv.h5", resume_from_step=start if resume else None))
+    if config.output.progress:
+        sinks.append(ConsoleSink(config.train.steps, console=console))
+    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+
+    x_probe, y_probe = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
+    labels = y_probe if data.task == "classification" else None
+    cvs = tuple(name for name in config.monitor.cvs if labels is not None or "alignment" not in name)
+    log_spaced = (1, config.train.steps, config.monitor.log_spaced) if config.monitor.log_spaced else None
+    monitor = NTKMonitor(
+        ntkcv.from_function(apply_fn, params), x_probe, labels=labels, cvs=cvs,
+        schedule=Schedule(every_steps=config.monitor.every_steps, on_steps=(config.train.steps - 1,),
+                          log_spaced=log_spaced),
+        matrix_free=config.monitor.matrix_free, log_spectrum=config.monitor.spectrum,
+        weight_metrics=config.monitor.weight_metrics, trace_axes=config.monitor.trace_axes,
+        implementation=config.monitor.implementation, sinks=sinks)
+
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    started = time.perf_counter()
+    last_cvs: dict[str, float] = {}
+    test_metrics: dict[str, float] = {}
+    try:
+        for step in range(start, config.train.steps):
+            batch = _batch_indices(step, x_train.shape[0], config.train.batch_size, config.train.seed)
+            new_params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
+            scalars = {"loss": loss}
+            if (step + 1) % config.train.eval_every == 0 or step == config.train.steps - 1:
+                test_metrics = jax.device_get(evaluate(new_params, jnp.asarray(data.x_test), jnp.asarray(data.y_test)))
+                scalars.update({f"test_{name}": value for name, value in test_metrics.items()})
+            values = monitor(step, params, **scalars)
+            last_cvs.update({k: v for k, v in values.items() if k.startswith("cv/")})
+            params = new_params
+            checkpoints.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+        checkpoints.wait_until_finished()
+        final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
+        final |= {f"final/{k}": v for k, v in last_cvs.items()}
+        for sink in sinks:
+            sink.write_hparams(_flat(to_dict(config)), final)
+    finally:
+        monitor.close()
+        checkpoints.close()
+    return {"run_dir": str(run_dir), "tensorboard": str(run_dir / "tensorboard"), "hdf5": str(run_dir / "ntkcv.h5"),
+            "steps": config.train.steps, "resumed_from": start, "seconds": time.perf_counter() - started, **final}
+
+
+def _model_options(config: RunConfig) -> dict[str, Any]:
+    m = config.model
+    if m.kind == "mlp":
+        return {"widths": m.widths, "activation": m.activation}
+    if m.kind == "cnn":
+        return {"channels": m.channels, "widths": m.widths, "activation": m.activation}
+    return {"dim": m.dim, "depth": m.depth, "heads": m.heads}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

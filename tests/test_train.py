@@ -1,0 +1,78 @@
+"""`ntkcv train` end to end: a short run, its logs, a SIGKILL mid-run and a resume with every step once."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ntkcv.config import load_config
+from ntkcv.report import make_report, read_scalars
+from ntkcv.train import train
+
+SMALL = {"data.train_size": 300, "data.probe_size": 32, "model.widths": [16], "train.batch_size": 32,
+         "train.eval_every": 20, "optimizer.learning_rate": 0.01, "monitor.every_steps": 10, "output.progress": False}
+
+
+def _event_steps(logdir: pathlib.Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # the whole run, as TensorBoard reads it
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
+    config = load_config(None, {**SMALL, "train.steps": 40, "output.dir": str(tmp_path / "run")})
+    result = train(config)
+    assert result["final/test_accuracy"] > 0.3
+    series = read_scalars(result["hdf5"])
+    assert list(series["train/loss"][0]) == list(range(40))
+    assert list(series["cv/entropy"][0]) == [0, 10, 20, 30, 39]
+    entropy = series["cv/entropy"][1]
+    assert np.all((entropy > 0) & (entropy < np.log(32)))
+    assert sorted(_event_steps(pathlib.Path(result["tensorboard"]), "cv/entropy")) == [0, 10, 20, 30, 39]
+    summary = make_report(result["run_dir"])
+    assert "cv/entropy" in summary.read_text()
+    assert (summary.parent / "curves.png").stat().st_size > 1000
+    assert (summary.parent / "spectrum.png").stat().st_size > 1000
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config)
+
+
+def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "ntkcv.cli", "train"]
+    overrides = {**SMALL, "train.steps": 400, "output.checkpoint_every": 25, "output.dir": str(run_dir)}
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        checkpoints = [p for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+        if any(int(p.name) >= 100 for p in checkpoints):
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    series = read_scalars(run_dir / "ntkcv.h5")
+    assert list(series["train/loss"][0]) == list(range(400))
+    assert list(series["cv/entropy"][0]) == [*range(0, 400, 10), 399]
+    assert sorted(_event_steps(run_dir / "tensorboard", "train/loss")) == list(range(400))
+    assert sorted(_event_steps(run_dir / "tensorboard", "cv/entropy")) == [*range(0, 400, 10), 399]
+
+
+def test_cli_reports_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    done = subprocess.run([sys.executable, "-m", "ntkcv.cli", "train", str(bad)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "unknown key 'train.stepz'" in done.stderr
