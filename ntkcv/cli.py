@@ -25,7 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"NTK of a 64-{args.width}-{args.width}-10 tanh MLP ({num_params:,} parameters) "
           f"on {x.shape[0]} digits probes, output-traced")
     reference = None
-    for implementation in ["auto", "jacobian", "ntvp"]:
+    for implementation in ["auto", "structured", "jacobian", "ntvp"]:
         kernel_fn = ntkcv.ntk_fn(model.apply_fn, implementation=implementation)
         kernel = kernel_fn(model.params, x).block_until_ready()  # compile
         start = time.perf_counter()

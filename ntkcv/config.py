@@ -61,6 +61,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
+    enabled: bool = True  # false: record the training scalars only, no NTK (the overhead benchmark's baseline)
     every_steps: int = 50
     log_spaced: int = 0  # extra log-spaced steps in [1, steps] (0: none)
     cvs: tuple[str, ...] = ("entropy", "effective_entropy", "trace", "target_alignment")

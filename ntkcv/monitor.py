@@ -45,7 +45,7 @@ class NTKMonitor:
       labels: probe labels (integer ``(N,)`` or targets ``(N, C)``) for the alignment and class-wise CVs.
       schedule: when to compute (default every 100 steps).
       cvs: names from :data:`ntkcv.cv.AVAILABLE` (exact), or ``"entropy"``/``"trace"`` when
-        ``matrix_free`` is set.
+        ``matrix_free`` is set; ``()`` computes no NTK (the monitor then only records scalars).
       matrix_free: estimate entropy and trace from the matrix-free operator (stochastic Lanczos
         quadrature and Hutch++) instead of building Θ; values come with standard errors
         (``cv/<name>_stderr``).
@@ -131,7 +131,7 @@ class NTKMonitor:
         step = int(step)
         values = {f"train/{name}": value for name, value in scalars.items()}
         arrays = {}
-        if self.schedule(step):
+        if self.cvs and self.schedule(step):
             x = self._probe_inputs(batch)
             cvs, eigenvalues = self._compute(params, x, self.labels)
             values.update({f"cv/{name}": value for name, value in cvs.items()})

@@ -127,13 +127,14 @@ def train(config: RunConfig, *, resume: bool = False, console: Any = None) -> di
     x_probe, y_probe = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
     labels = y_probe if data.task == "classification" else None
     cvs = tuple(name for name in config.monitor.cvs if labels is not None or "alignment" not in name)
+    cvs = cvs if config.monitor.enabled else ()
     log_spaced = (1, config.train.steps, config.monitor.log_spaced) if config.monitor.log_spaced else None
     monitor = NTKMonitor(
         ntkcv.from_function(apply_fn, params), x_probe, labels=labels, cvs=cvs,
         schedule=Schedule(every_steps=config.monitor.every_steps, on_steps=(config.train.steps - 1,),
                           log_spaced=log_spaced),
         matrix_free=config.monitor.matrix_free, log_spectrum=config.monitor.spectrum,
-        weight_metrics=config.monitor.weight_metrics, trace_axes=config.monitor.trace_axes,
+        weight_metrics=config.monitor.weight_metrics and config.monitor.enabled, trace_axes=config.monitor.trace_axes,
         implementation=config.monitor.implementation, sinks=sinks)
 
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntkcv.ntk import jacobian, ntvp
+from ntkcv.ntk import jacobian, ntvp, structured
 from ntkcv.ntk.layout import canonical_fn, output_layout
 from ntkcv.ntk.profile import ModelProfile, profile_model
 from ntkcv.ntk.tiling import default_memory_budget, plan_tiles, tiled_diagonal, tiled_kernel
@@ -30,23 +31,40 @@ class Implementation(enum.StrEnum):
     - ``NTVP``: NTK-vector products: every per-sample gradient of ``x₂`` pushed forward through the
       model at ``x₁``. Cost ``N₂·O·R`` backward plus ``N₁N₂·O·R`` forward passes, no contraction over
       ``P``. Best for full (untraced) kernels of wide dense models.
+    - ``STRUCTURED``: layer-factorised: each Dense/DenseGeneral/Conv/Embed layer's share of Θ from its
+      inputs and per-output cotangents, in the cheaper of two contraction orders; other leaves take
+      the Jacobian contraction. Never builds a Jacobian of a covered layer; the fast path for monitoring.
     - ``AUTO``: the implementation with the smallest FLOP estimate for these shapes, from XLA's cost
-      analysis of one forward pass (see each module's ``flops``).
+      analysis of one forward pass and the layers ``structured`` covers (see each module's ``flops``);
+      ties go to ``jacobian``.
     """
 
     JACOBIAN = "jacobian"
     NTVP = "ntvp"
+    STRUCTURED = "structured"
     AUTO = "auto"
 
 
-_MODULES: dict[Implementation, ModuleType] = {Implementation.JACOBIAN: jacobian, Implementation.NTVP: ntvp}
+_MODULES: dict[Implementation, ModuleType] = {
+    Implementation.JACOBIAN: jacobian, Implementation.NTVP: ntvp, Implementation.STRUCTURED: structured}
 
 
-def _choose(profile: ModelProfile, n1: int, n2: int) -> Implementation:
-    costs = {impl: module.flops(profile, n1, n2) for impl, module in _MODULES.items()}
-    choice = min(costs, key=costs.get)
+class _Costs:
+    """Each implementation's ``flops(n1, n2)`` and ``tile_bytes(b1, b2)`` for one model and input shape."""
+
+    def __init__(self, f, params, x, profile: ModelProfile):
+        extra = {Implementation.STRUCTURED: {"cover": structured.coverage(f, params, x)}}
+        self.flops = {impl: functools.partial(module.flops, profile, **extra.get(impl, {}))
+                      for impl, module in _MODULES.items()}
+        self.tile_bytes = {impl: functools.partial(module.tile_bytes, profile, **extra.get(impl, {}))
+                           for impl, module in _MODULES.items()}
+
+
+def _choose(costs: _Costs, n1: int, n2: int) -> Implementation:
+    estimates = {impl: flops(n1, n2) for impl, flops in costs.flops.items()}
+    choice = min(estimates, key=estimates.get)
     logger.debug("auto implementation: %s (estimated FLOPs %s)", choice.value,
-                 {impl.value: f"{cost:.3g}" for impl, cost in costs.items()})
+                 {impl.value: f"{cost:.3g}" for impl, cost in estimates.items()})
     return choice
 
 
@@ -88,7 +106,7 @@ def ntk_fn(
       apply_fn: ``apply_fn(params, x) -> (N, *out)``, one array; samples must not interact (put
         BatchNorm in eval mode). See :func:`ntkcv.from_linen` and :func:`ntkcv.from_nnx` for Flax models.
       trace_axes: output axes to sum over (axis 0 is the batch); ``()`` keeps all outputs.
-      implementation: ``"jacobian"``, ``"ntvp"`` or ``"auto"`` (see :class:`Implementation`).
+      implementation: ``"jacobian"``, ``"ntvp"``, ``"structured"`` or ``"auto"`` (see :class:`Implementation`).
       diagonal: return only ``Θ(x_i, x_i)``: ``(N,)`` traced, ``(N, k, k, …)`` otherwise; never builds
         the ``N × N`` kernel.
       memory_budget: bytes one tile may use (default: half the device memory, a quarter of host RAM
@@ -127,28 +145,27 @@ def ntk_fn(
         layout = output_layout(apply_fn, params, x1, trace_axes)
         f = canonical_fn(apply_fn, layout)
         profile = profile_model(f, params, x1, layout.kept_size, layout.traced_size, num_params)
+        costs = _Costs(f, params, x1, profile)
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        chosen = _choose(profile, n1, n2) if impl is Implementation.AUTO else impl
+        chosen = _choose(costs, n1, n2) if impl is Implementation.AUTO else impl
         budget = default_memory_budget() if memory_budget is None else memory_budget
-        return layout, f, profile, _MODULES[chosen], budget
+        return layout, f, costs.tile_bytes[chosen], _MODULES[chosen], budget
 
     @jax.jit
     def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
         with jax.default_matmul_precision(precision):
-            layout, f, profile, module, budget = prepare(params, x1, x2)
+            layout, f, tile_bytes, module, budget = prepare(params, x1, x2)
             n2 = x1.shape[0] if x2 is None else x2.shape[0]
-            tiles = plan_tiles(x1.shape[0], n2, lambda b1, b2: module.tile_bytes(profile, b1, b2), budget,
-                               len(jax.local_devices()))
+            tiles = plan_tiles(x1.shape[0], n2, tile_bytes, budget, len(jax.local_devices()))
             kernel = tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b), x1, x2, tiles)
             return _nan_if_nonfinite(layout.unflatten_kernel(kernel))
 
     @jax.jit
     def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
         with jax.default_matmul_precision(precision):
-            layout, f, profile, module, budget = prepare(params, x, None)
-            tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: module.tile_bytes(profile, b1, 1), budget,
-                                 len(jax.local_devices()))
+            layout, f, tile_bytes, module, budget = prepare(params, x, None)
+            tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
             diag = tiled_diagonal(lambda t: module.diagonal_tile(f, params, t), x, tile)
             return _nan_if_nonfinite(layout.unflatten_diagonal(diag))
 

@@ -7,7 +7,7 @@ import pytest
 import ntkcv
 from tests.ntk.models import CASES, make_case, reference_kernel, relative_error
 
-IMPLEMENTATIONS = ["jacobian", "ntvp", "auto"]
+IMPLEMENTATIONS = ["jacobian", "ntvp", "structured", "auto"]
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
 
@@ -26,7 +26,7 @@ def test_traced_and_full_kernels_match_dense_reference(case, implementation, dty
             assert relative_error(actual, expected) <= TOLERANCE[np.dtype(dtype).name], (case, trace_axes)
 
 
-@pytest.mark.parametrize("implementation", ["jacobian", "ntvp"])
+@pytest.mark.parametrize("implementation", ["jacobian", "ntvp", "structured"])
 @pytest.mark.parametrize("trace_axes", [(-1,), ()])
 def test_tiles_with_sizes_that_do_not_divide_n(implementation, trace_axes, dtype):
     model, _, _ = make_case("mlp_tanh", dtype)
@@ -42,7 +42,7 @@ def test_tiles_with_sizes_that_do_not_divide_n(implementation, trace_axes, dtype
 
 
 def _budget_for_tile(model, x, trace_axes, implementation, tile):
-    from ntkcv.ntk import jacobian, ntvp
+    from ntkcv.ntk.kernel import Implementation, _Costs
     from ntkcv.ntk.layout import canonical_fn, output_layout
     from ntkcv.ntk.profile import profile_model
     from ntkcv.ntk.validate import check_params
@@ -50,8 +50,7 @@ def _budget_for_tile(model, x, trace_axes, implementation, tile):
     layout = output_layout(model.apply_fn, model.params, x, trace_axes)
     f = canonical_fn(model.apply_fn, layout)
     profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
-    module = {"jacobian": jacobian, "ntvp": ntvp}[implementation]
-    return module.tile_bytes(profile, tile, tile)
+    return _Costs(f, model.params, x, profile).tile_bytes[Implementation(implementation)](tile, tile)
 
 
 @pytest.mark.parametrize("case", ["mlp_tanh", "sequence", "nnx"])

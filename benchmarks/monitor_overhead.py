@@ -1,0 +1,74 @@
+"""Overhead of the NTK monitor on the default digits run: the same run (same seed) with and without it.
+
+    python -m benchmarks.monitor_overhead            # the default run: 1000 steps, NTK every 50 steps
+    python -m benchmarks.monitor_overhead --quick    # 300 steps
+
+The monitored run computes entropy and trace of the 256-probe output-traced NTK every 50 steps (the
+issue's cadence); both runs write the training scalars to TensorBoard and HDF5. Each run is its own
+subprocess (peak RSS is its own); runs alternate, and the ratio uses the median of ``--repeats``.
+Prints a markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def _child(enabled: bool, steps: int) -> None:
+    import time
+
+    from benchmarks.machine import peak_rss_bytes
+    from ntkcv.config import load_config
+    from ntkcv.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(None, {"train.steps": steps, "monitor.enabled": enabled,
+                                    "monitor.cvs": ["entropy", "trace"], "monitor.weight_metrics": False,
+                                    "output.progress": False, "output.dir": tmp})
+        start = time.perf_counter()
+        result = train(config)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "train_seconds": result["seconds"], "peak_rss_bytes": peak_rss_bytes(),
+                      "test_accuracy": result["final/test_accuracy"]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=["on", "off"])
+    parser.add_argument("--steps", type=int, default=1000)
+    args = parser.parse_args()
+    steps = 300 if args.quick else args.steps
+    if args.child:
+        _child(args.child == "on", steps)
+        return
+    from benchmarks.machine import write_result
+
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(args.repeats):
+        for mode in ("off", "on"):
+            done = subprocess.run([sys.executable, "-m", "benchmarks.monitor_overhead", "--child", mode,
+                                   "--steps", str(steps)], capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    median = {mode: statistics.median(r["train_seconds"] for r in rs) for mode, rs in runs.items()}
+    overhead = median["on"] / median["off"] - 1
+    print("| run | training loop s (median) | whole process s | peak RSS GB | test accuracy |\n|---|---|---|---|---|")
+    for mode, label in (("off", "without monitor"), ("on", "with monitor (every 50 steps, 256 probes)")):
+        rs = runs[mode]
+        print(f"| {label} | {median[mode]:.2f} | {statistics.median(r['seconds'] for r in rs):.2f} | "
+              f"{max(r['peak_rss_bytes'] for r in rs) / 1e9:.2f} | {rs[0]['test_accuracy']:.4f} |")
+    print(f"\noverhead of the monitor: {overhead:.1%} of training wall time ({steps} steps)")
+    path = write_result("monitor_overhead" + ("-quick" if args.quick else ""),
+                        {"steps": steps, "repeats": args.repeats, "runs": runs, "median_seconds": median,
+                         "overhead": overhead})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

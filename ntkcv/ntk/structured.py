@@ -1,0 +1,610 @@
+"""Structured (layer-factorised) NTK: each linear layer's share of Θ from its inputs and output cotangents.
+
+A layer ``y = u W + b`` applied at positions ``t`` (tokens, pixels; one position for a plain Dense) to
+the per-sample input rows ``u_{at}`` contributes, for the cotangents ``g_{aort} = ∂f_{or}(x_a)/∂y_{at}``,
+
+.. math::
+   Θ^{W,b}_{ab,oq} = \\sum_r \\sum_{t,s} (u_{at}·u_{bs} + 1)\\,(g_{aort}·g_{bqrs})
+
+(``+ 1`` only with a bias). Two contraction orders give it exactly; each layer takes the cheaper one for
+its shapes (multiply-adds, ``n₁, n₂`` samples, ``T`` positions, ``d`` inputs (+1 for the bias), ``h``
+outputs, ``O`` kept and ``R`` traced outputs):
+
+- ``"gram"``: Gram matrices of inputs and of cotangents, ``n₁ n₂ T² (d + O² R h)``; memory
+  ``n₁ n₂ T² O²``. Wins for plain Dense layers (``T = 1``).
+- ``"grad"``: per-example weight gradients ``Σ_t u_{at} ⊗ g_{aort}`` contracted pairwise,
+  ``(n₁ + n₂) O R T d h + n₁ n₂ O² R d h``; memory ``(n₁ + n₂) O R d h``. Wins for convolutions and
+  long sequences.
+
+Covered layers (exact types, ``flax.linen`` and ``flax.nnx``): ``Dense``/``Linear``,
+``DenseGeneral``/``LinearGeneral`` (no batch axes), ``Conv`` (any stride, padding, input and kernel
+dilation, ungrouped, unmasked; patches from ``jax.lax.conv_general_dilated_patches``), and ``Embed``
+(``u`` is the one-hot token, so ``u_{at}·u_{bs} = [id_{at} = id_{bs}]``). A layer is covered only if it
+is called exactly once per sample and its parameters are leaves of ``params`` that no other covered
+layer reads; everything else (LayerNorm scales, shared layers, ``Embed.attend``, custom parameters)
+takes the exact Jacobian contraction of :mod:`ntkcv.ntk.jacobian` for those leaves only. Which leaf
+took which path is logged at DEBUG level on ``logging.getLogger("ntkcv.ntk")``.
+
+Mechanism: one backward pass per sample and output (vmapped) with respect to zero "probes" added to
+every covered layer's output and to the fallback leaves gives all cotangents ``g`` and fallback
+Jacobians at once; layer inputs are recorded in the same forward pass. linen layers are found with
+``flax.linen.intercept_methods``; NNX layers through :data:`ntkcv.models.nnx_module_hook`, which
+``from_nnx``'s ``apply_fn`` calls with the merged module (an NNX model applied by a hand-written
+``apply_fn`` falls back entirely). Like every implementation this assumes samples do not interact
+(BatchNorm in eval mode). A parameter also read outside its layer's call by hand (e.g. ``x @
+dense.variables['params']['kernel'].T``) is not detected; use ``Embed.attend`` or share the module.
+
+Dispatch: :func:`coverage` says what is covered; :func:`flops` and :func:`tile_bytes` take it as a last
+argument and follow the cost and memory protocol of the other implementations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ntkcv.ntk import jacobian
+from ntkcv.ntk.jacobian import CanonicalFn
+from ntkcv.ntk.profile import ModelProfile
+
+logger = logging.getLogger("ntkcv.ntk")
+
+_MEMORY_LIMIT = 2**27  # elements of the largest intermediate a route may create before the other is preferred
+
+
+# --------------------------------------------------------------------------- layer descriptions
+
+
+class _Layer(NamedTuple):
+    """A supported layer call, as seen in one traced call (``params`` maps roles to the arrays read)."""
+
+    kind: str  # "dense", "conv" or "embed"
+    config: tuple  # dense: (contracting axes, number of feature axes); conv: see _patches
+    params: dict
+
+
+def _param_values_linen(module, roles):
+    values = module.variables.get("params", {})
+    if set(values) != set(roles):
+        return f"has parameters {sorted(values)}, expected {sorted(roles)}"
+    return {role: values[role] for role in roles}
+
+
+def _param_values_nnx(module, roles):
+    from flax import nnx
+
+    params = jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))
+    found = {role: getattr(module, role, None) for role in roles}
+    if len(params) != len(roles) or not all(isinstance(v, nnx.Param) for v in found.values()):
+        return f"has {len(params)} parameters, expected {sorted(roles)}"
+    return {role: value.get_value() for role, value in found.items()}
+
+
+def _axes(axis, ndim):
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _conv_padding(padding, rank):
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding),) * rank
+    pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    return pads * rank if len(pads) == 1 else pads
+
+
+def _broadcast(value, rank):
+    value = 1 if value is None else value
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def _describe(module, cls: type, method: str, args: tuple, kwargs: dict) -> _Layer | str:
+    """A supported call of a supported layer, or the reason why it is not one."""
+    import flax.linen as nn
+    from flax import nnx
+
+    extra = {k: v for k, v in kwargs.items() if v is not None and k != "inputs"}
+    if method != "__call__" or extra or len(args) + ("inputs" in kwargs) != 1:
+        return f"method {method} called with {len(args)} positional and keyword arguments {sorted(kwargs)}"
+    inputs = args[0] if args else kwargs["inputs"]
+    param_values = _param_values_nnx if isinstance(module, nnx.Module) else _param_values_linen
+    use_bias = getattr(module, "use_bias", False)
+    dense_roles = ("kernel", "bias") if use_bias else ("kernel",)
+    default_dot = getattr(module, "dot_general", None) in (None, jax.lax.dot_general)
+    if not default_dot or getattr(module, "dot_general_cls", None) is not None:
+        return "uses a custom dot_general"
+    if cls in (nn.Dense, nnx.Linear):
+        kind, config, roles = "dense", ((inputs.ndim - 1,), 1), dense_roles
+    elif cls in (nn.DenseGeneral, nnx.LinearGeneral):
+        if getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", {}):
+            return "has batch axes"
+        features = module.features if cls is nn.DenseGeneral else module.out_features
+        n_features = 1 if isinstance(features, int) else len(features)
+        kind, config, roles = "dense", (_axes(module.axis, inputs.ndim), n_features), dense_roles
+    elif cls in (nn.Conv, nnx.Conv):
+        if module.feature_group_count != 1 or module.mask is not None:
+            return "is grouped or masked"
+        if getattr(module, "conv_general_dilated_cls", None) is not None or getattr(
+            module, "conv_general_dilated", None
+        ) not in (None, jax.lax.conv_general_dilated):
+            return "uses a custom convolution"
+        rank = len(module.kernel_size)
+        config = (
+            tuple(module.kernel_size),
+            _broadcast(module.strides, rank),
+            _conv_padding(module.padding, rank),
+            _broadcast(module.input_dilation, rank),
+            _broadcast(module.kernel_dilation, rank),
+        )
+        kind, roles = "conv", dense_roles
+    elif cls in (nn.Embed, nnx.Embed):
+        kind, config, roles = "embed", (), ("embedding",)
+    else:
+        return f"{cls.__name__} has no structured rule"
+    values = param_values(module, roles)
+    if isinstance(values, str):
+        return values
+    return _Layer(kind, config, values)
+
+
+# --------------------------------------------------------------------------- finding layers
+
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("ntkcv_structured_recorder", default=None)
+
+
+def _linen_types():
+    import flax.linen as nn
+
+    return (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
+
+
+def _linen_interceptor(next_fun, args, kwargs, context):
+    recorder = _RECORDER.get()
+    module = context.module
+    if recorder is None or type(module) not in _linen_types() or context.method_name == "setup":
+        return next_fun(*args, **kwargs)
+    key = "/".join(("linen",) + tuple(module.path))
+    describe = functools.partial(_describe, module, type(module), context.method_name, args, kwargs)
+    return recorder.visit(key, context.method_name, describe, args, kwargs, lambda: next_fun(*args, **kwargs))
+
+
+@functools.cache
+def _tapped_nnx_class(cls: type) -> type:
+    """A subclass of an NNX layer class whose calls go through the active recorder."""
+
+    def wrap(name):
+        original = getattr(cls, name)
+
+        def method(self, *args, **kwargs):
+            recorder = _RECORDER.get()
+            key = None if recorder is None else recorder.nnx_keys.get(id(self))
+            if key is None:
+                return original(self, *args, **kwargs)
+            describe = functools.partial(_describe, self, cls, name, args, kwargs)
+            return recorder.visit(key, name, describe, args, kwargs, lambda: original(self, *args, **kwargs))
+
+        return method
+
+    methods = {name: wrap(name) for name in ("__call__", "attend") if hasattr(cls, name)}
+    return type(cls.__name__, (cls,), methods)
+
+
+def _nnx_hook(module) -> None:
+    from flax import nnx
+
+    recorder = _RECORDER.get()
+    if recorder is None:
+        return
+    types = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
+    for path, node in nnx.iter_graph(module):
+        if type(node) in types:
+            recorder.nnx_keys[id(node)] = "/".join(("nnx",) + tuple(str(p) for p in path))
+            object.__setattr__(node, "__class__", _tapped_nnx_class(type(node)))
+
+
+@contextlib.contextmanager
+def _recording(recorder):
+    from ntkcv.models import nnx_module_hook
+
+    token = _RECORDER.set(recorder)
+    hook_token = nnx_module_hook.set(_nnx_hook)
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                import flax.linen as nn
+            except ImportError:  # no flax: plain functions only, everything falls back
+                pass
+            else:
+                stack.enter_context(nn.intercept_methods(_linen_interceptor))
+            yield recorder
+    finally:
+        nnx_module_hook.reset(hook_token)
+        _RECORDER.reset(token)
+
+
+class _Discovery:
+    """Records every call of a layer of a supported type: key -> [(method, _Layer or reason, out shape)]."""
+
+    def __init__(self, leaves):
+        self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
+        self.calls: dict[str, list] = {}
+        self.nnx_keys: dict[int, str] = {}
+
+    def visit(self, key, method, describe, args, kwargs, call):
+        y = call()
+        layer = describe()
+        if isinstance(layer, _Layer):
+            index = {role: self.leaf_index.get(id(v)) for role, v in layer.params.items()}
+            if any(i is None for i in index.values()):
+                layer = "reads parameters that are not leaves of params (transformed or closed over)"
+            else:
+                inputs = args[0] if args else kwargs["inputs"]
+                layer = layer._replace(params=index)
+                shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (inputs, y)]
+                layer = (layer, *shapes)
+        self.calls.setdefault(key, []).append((method, layer))
+        return y
+
+
+class _Probe:
+    """Adds ``probes[key]`` to each planned layer's output and records its input."""
+
+    def __init__(self, probes):
+        self.probes = probes
+        self.inputs: dict[str, jax.Array] = {}
+        self.nnx_keys: dict[int, str] = {}
+
+    def visit(self, key, method, describe, args, kwargs, call):
+        y = call()
+        if key in self.probes and method == "__call__":
+            self.inputs[key] = args[0] if args else kwargs["inputs"]
+            y = y + self.probes[key]
+        return y
+
+
+# --------------------------------------------------------------------------- plan
+
+
+class _Planned(NamedTuple):
+    key: str
+    kind: str
+    config: tuple
+    roles: dict  # role -> leaf index
+    inputs: jax.ShapeDtypeStruct  # of one sample's call
+    outputs: jax.ShapeDtypeStruct
+    positions: int  # T
+    in_size: int  # d, +1 with a bias; the vocabulary size for Embed
+    out_size: int  # h
+
+
+class _Plan(NamedTuple):
+    treedef: Any
+    leaves: list
+    layers: tuple[_Planned, ...]
+    fallback: tuple[int, ...]  # leaf indices
+    reasons: dict  # fallback leaf index -> reason
+    out_shape: tuple[int, int]  # (O, R)
+
+
+def _sizes(kind, config, roles, inputs, outputs, leaf_shapes):
+    if kind == "embed":
+        vocab = leaf_shapes[roles["embedding"]][0]
+        return math.prod(inputs.shape), vocab, outputs.shape[-1]
+    bias = 1 if "bias" in roles else 0
+    if kind == "dense":
+        axes, n_features = config
+        d = math.prod(inputs.shape[a] for a in axes)
+        h = math.prod(outputs.shape[len(outputs.shape) - n_features :])
+    else:
+        kernel = leaf_shapes[roles["kernel"]]
+        d, h = math.prod(kernel[:-1]), kernel[-1]
+    return math.prod(outputs.shape) // h, d + bias, h
+
+
+def _plan(f: CanonicalFn, params: Any, x: jax.Array) -> _Plan:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    discovery = None
+
+    def run(leaves, sample):
+        nonlocal discovery
+        discovery = _Discovery(leaves)
+        with _recording(discovery):
+            return f(jax.tree_util.tree_unflatten(treedef, leaves), sample[None])
+
+    out = jax.eval_shape(run, leaves, x[0])
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    layers, owner, reasons = [], {}, {}
+    for key, calls in discovery.calls.items():
+        layer = calls[0][1]
+        described = [c[1] for c in calls if not isinstance(c[1], str)]
+        if len(calls) != 1 or isinstance(layer, str):
+            why = layer if isinstance(layer, str) else f"layer called {len(calls)} times"
+            for entry in described:
+                for i in entry[0].params.values():
+                    reasons[i] = f"{key}: {why}"
+            continue
+        layer, inputs, outputs = layer
+        if any(i in owner for i in layer.params.values()):
+            for i in layer.params.values():
+                reasons[i] = f"{key}: parameters shared with {owner.get(i, key)}"
+            continue
+        owner.update({i: key for i in layer.params.values()})
+        sizes = _sizes(layer.kind, layer.config, layer.params, inputs, outputs, shapes)
+        layers.append(_Planned(key, layer.kind, layer.config, layer.params, inputs, outputs, *sizes))
+    shared = {i for i, why in reasons.items() if "shared with" in why}
+    layers = [layer for layer in layers if not shared & set(layer.roles.values())]
+    covered = {i for layer in layers for i in layer.roles.values()}
+    fallback = tuple(i for i in range(len(leaves)) if i not in covered)
+    plan = _Plan(treedef, leaves, tuple(layers), fallback, reasons, tuple(out.shape[1:]))
+    if logger.isEnabledFor(logging.DEBUG):
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        for layer in layers:
+            for i in layer.roles.values():
+                logger.debug("structured: %s (%s %s, T=%d d=%d h=%d)", paths[i], layer.kind, layer.key,
+                             layer.positions, layer.in_size, layer.out_size)
+        for i in fallback:
+            logger.debug("structured: %s falls back to jacobian (%s)", paths[i],
+                         reasons.get(i, "not read by a supported layer"))
+    return plan
+
+
+# --------------------------------------------------------------------------- per-sample factors
+
+
+def _patches(u, config):
+    kernel_size, strides, padding, lhs_dilation, rhs_dilation = config
+    rank = len(kernel_size)
+    u = u.reshape((-1,) + u.shape[u.ndim - rank - 1 :])  # all batch axes (or none) into one
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs_dilation, strict=True)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+        u, padding = jnp.pad(u, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]), "VALID"
+    elif padding == "CAUSAL":
+        u, padding = jnp.pad(u, [(0, 0), (rhs_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)]), "VALID"
+    spec = (0, rank + 1, *range(1, rank + 1))
+    numbers = jax.lax.ConvDimensionNumbers(spec, (rank + 1, rank, *range(rank)), spec)
+    patches = jax.lax.conv_general_dilated_patches(
+        u, kernel_size, strides, padding, lhs_dilation, rhs_dilation, numbers,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return patches.reshape(-1, patches.shape[-1])
+
+
+def _factor(layer: _Planned, u: jax.Array, g: jax.Array, kept: int, traced: int, dtype):
+    """One sample's input rows ``(T, d)`` (token ids ``(T,)`` for Embed) and cotangents ``(T, O, R, h)``.
+
+    ``g`` arrives with the basis axis just before the feature axes: ``(…, O·R, *features)``. Both are
+    cast to the kernel's dtype (a float32 layer inside a float64 model is contracted in float64).
+    """
+    g = g.reshape(layer.positions, kept, traced, layer.out_size).astype(dtype)
+    if layer.kind == "embed":
+        return u.reshape(-1), g
+    if layer.kind == "dense":
+        axes = layer.config[0]
+        u = jnp.moveaxis(u, axes, tuple(range(u.ndim - len(axes), u.ndim)))
+        u = u.reshape(layer.positions, -1)
+    else:
+        u = _patches(u, layer.config)
+    if "bias" in layer.roles:
+        u = jnp.concatenate([u, jnp.ones(u.shape[:-1] + (1,), u.dtype)], axis=-1)
+    return u.astype(g.dtype), g
+
+
+def _per_sample(f: CanonicalFn, plan: _Plan, x: jax.Array):
+    """Per-sample factors ``{key: (U (N, T, d), G (N, T, O, R, h))}``, fallback Jacobians ``(N, O, R, …)``."""
+
+    def single(sample):
+        def probed(probes, fallback):
+            leaves = list(plan.leaves)
+            for i, leaf in zip(plan.fallback, fallback, strict=True):
+                leaves[i] = leaf
+            with _recording(_Probe(probes)) as probe:
+                out = f(jax.tree_util.tree_unflatten(plan.treedef, leaves), sample[None])[0]
+            return out, probe.inputs
+
+        probes = {layer.key: jnp.zeros(layer.outputs.shape, layer.outputs.dtype) for layer in plan.layers}
+        fallback = [plan.leaves[i] for i in plan.fallback]
+        out, vjp_fn, inputs = jax.vjp(probed, probes, fallback, has_aux=True)
+        kept, traced = out.shape
+        basis = jnp.eye(kept * traced, dtype=out.dtype).reshape(kept * traced, kept, traced)
+        # the basis axis lands next to the features, so cotangents come out as (positions, basis, features)
+        feature_axis = {layer.key: len(layer.outputs.shape) - _feature_axes(layer) for layer in plan.layers}
+        cot_probes, cot_fallback = jax.vmap(vjp_fn, out_axes=(feature_axis, 0))(basis)
+        factors = {layer.key: _factor(layer, inputs[layer.key], cot_probes[layer.key], kept, traced,
+                                      out.dtype) for layer in plan.layers}
+        jac = [c.reshape((kept, traced) + c.shape[1:]) for c in cot_fallback]
+        return factors, jac
+
+    return jax.vmap(single)(x)
+
+
+def _feature_axes(layer: _Planned) -> int:
+    return layer.config[1] if layer.kind == "dense" else 1
+
+
+# --------------------------------------------------------------------------- contractions
+
+
+def _route_costs(layer: _Planned, n1: int, n2: int, kept: int, traced: int, *, same: bool,
+                 diagonal: bool = False):
+    """Multiply-adds and memory (elements) of the two routes for one layer: ``{route: (macs, elements)}``."""
+    t, d, h = layer.positions, layer.in_size, layer.out_size
+    pairs = n1 if diagonal else n1 * n2
+    built = n1 if same or diagonal else n1 + n2
+    gram = pairs * t * t * ((1 if layer.kind == "embed" else d) + kept * kept * traced * h)
+    build = built * kept * traced * t * (h if layer.kind == "embed" else d * h)
+    grad = build + pairs * kept * kept * traced * d * h
+    return {"gram": (gram, pairs * t * t * kept * kept), "grad": (grad, built * kept * traced * d * h)}
+
+
+def _choose(costs) -> str:
+    fits = {route: c for route, c in costs.items() if c[1] <= _MEMORY_LIMIT} or costs
+    return min(fits, key=lambda route: fits[route][0])
+
+
+def _input_gram(layer, u1, u2, dtype):
+    """``(N₁, T, N₂, T)`` Gram matrix of input rows (of one-hot tokens for Embed)."""
+    if layer.kind == "embed":
+        return (u1[:, :, None, None] == u2[None, None, :, :]).astype(dtype)
+    return jnp.einsum("atd,bsd->atbs", u1, u2)
+
+
+def _weight_grads(layer, u, g):
+    """Per-example weight gradients ``Σ_t u_{at} ⊗ g_{at}``, shape ``(N, O, R·d·h)``."""
+    n, t, kept, traced, h = g.shape
+    if layer.kind == "embed":
+        def scatter(ids, gs):
+            return jnp.zeros((layer.in_size, kept * traced * h), gs.dtype).at[ids].add(gs.reshape(t, -1))
+
+        w = jax.vmap(scatter)(u, g)
+    else:
+        w = jnp.matmul(jnp.swapaxes(u, 1, 2), g.reshape(n, t, -1))  # (N, d, O·R·h)
+    w = w.reshape(n, -1, kept, traced, h)
+    return jnp.moveaxis(w, 2, 1).reshape(n, kept, -1)
+
+
+def _pair_products(w1, w2):
+    """``(N₁, O, M), (N₂, O, M) -> (N₁, N₂, O, O)`` as one matrix product."""
+    (n1, kept, _), n2 = w1.shape, w2.shape[0]
+    products = w1.reshape(n1 * kept, -1) @ w2.reshape(n2 * kept, -1).T
+    return products.reshape(n1, kept, n2, kept).transpose(0, 2, 1, 3)
+
+
+def _layer_kernel(layer, factors1, factors2, route):
+    (u1, g1), (u2, g2) = factors1, factors2
+    if route == "gram":
+        if layer.positions == 1:  # plain Dense: (u_a·u_b) (g_a·g_b)
+            a = _input_gram(layer, u1, u2, g1.dtype)[:, 0, :, 0]
+            return a[:, :, None, None] * _pair_products(g1[:, 0].reshape(g1.shape[0], g1.shape[2], -1),
+                                                        g2[:, 0].reshape(g2.shape[0], g2.shape[2], -1))
+        a = _input_gram(layer, u1, u2, g1.dtype)
+        b = jnp.einsum("atorh,bsqrh->atbsoq", g1, g2)
+        return jnp.einsum("atbs,atbsoq->aboq", a, b)
+    w1 = _weight_grads(layer, u1, g1)
+    w2 = w1 if factors2 is factors1 else _weight_grads(layer, u2, g2)
+    return _pair_products(w1, w2)
+
+
+def _layer_diagonal(layer, factors, route):
+    u, g = factors
+    if route == "gram":
+        if layer.kind == "embed":
+            a = (u[:, :, None] == u[:, None, :]).astype(g.dtype)
+        else:
+            a = jnp.einsum("atd,asd->ats", u, u)
+        return jnp.einsum("ats,atorh,asqrh->aoq", a, g, g)
+    w = _weight_grads(layer, u, g)
+    return jnp.einsum("aom,aqm->aoq", w, w)
+
+
+def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None) -> jax.Array:
+    """Θ(x₁, x₂) of shape ``(N₁, N₂, O, O)``, layer-factorised where possible; ``x2=None``: ``x2 = x1``."""
+    plan = _plan(f, params, x1)
+    if not plan.layers:
+        return jacobian.kernel_tile(f, params, x1, x2)
+    factors1, jac1 = _per_sample(f, plan, x1)
+    factors2, jac2 = (factors1, jac1) if x2 is None else _per_sample(f, plan, x2)
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    kept, traced = plan.out_shape
+    total = jacobian.contract_jacobians(jac1, jac2) if plan.fallback else 0.0
+    for layer in plan.layers:
+        route = _choose(_route_costs(layer, n1, n2, kept, traced, same=x2 is None))
+        logger.debug("structured: %s takes the %s route for a %dx%d tile", layer.key, route, n1, n2)
+        f1 = factors1[layer.key]
+        f2 = f1 if x2 is None else factors2[layer.key]
+        total = total + _layer_kernel(layer, f1, f2, route)
+    return total
+
+
+def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array) -> jax.Array:
+    """Θ(x_a, x_a) for each sample, shape ``(N, O, O)``."""
+    plan = _plan(f, params, x)
+    if not plan.layers:
+        return jacobian.diagonal_tile(f, params, x)
+    factors, jac = _per_sample(f, plan, x)
+    kept, traced = plan.out_shape
+    total = jacobian.contract_diagonal(jac) if plan.fallback else 0.0
+    for layer in plan.layers:
+        route = _choose(_route_costs(layer, x.shape[0], x.shape[0], kept, traced, same=True, diagonal=True))
+        total = total + _layer_diagonal(layer, factors[layer.key], route)
+    return total
+
+
+# --------------------------------------------------------------------------- coverage and cost model
+
+
+class LayerCoverage(NamedTuple):
+    """A covered layer: its key (``linen/<path>`` or ``nnx/<path>``), kind, leaves and factor sizes."""
+
+    key: str
+    kind: str
+    leaves: tuple[str, ...]
+    positions: int  # T
+    in_size: int  # d (+1 with a bias; vocabulary size for Embed)
+    out_size: int  # h
+
+
+class Coverage(NamedTuple):
+    """What :func:`kernel_tile` does for one model: covered layers and fallback leaves (with reasons)."""
+
+    layers: tuple[LayerCoverage, ...]
+    fallback: tuple[tuple[str, str], ...]  # (leaf path, reason)
+    covered_size: int  # parameters in covered layers
+    fallback_size: int  # parameters contracted by Jacobians
+    planned: tuple = ()  # the per-layer sizes the cost model reads
+
+
+def coverage(f: CanonicalFn, params: Any, x: jax.Array) -> Coverage:
+    """Which leaves of ``params`` the structured kernel covers for ``f(params, x) -> (N, O, R)``.
+
+    One abstract trace of ``f`` on ``x[:1]`` (shapes only, no computation); works inside ``jit``.
+    """
+    plan = _plan(f, params, x)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    sizes = [math.prod(jnp.shape(leaf)) for leaf in plan.leaves]
+    layers = tuple(
+        LayerCoverage(layer.key, layer.kind, tuple(paths[i] for i in layer.roles.values()), layer.positions,
+                      layer.in_size, layer.out_size)
+        for layer in plan.layers
+    )
+    fallback = tuple((paths[i], plan.reasons.get(i, "not read by a supported layer")) for i in plan.fallback)
+    fallback_size = sum(sizes[i] for i in plan.fallback)
+    return Coverage(layers, fallback, sum(sizes) - fallback_size, fallback_size, plan.layers)
+
+
+def flops(profile: ModelProfile, n1: int, n2: int, cover: Coverage) -> float:
+    """Estimated FLOPs of an ``n₁ × n₂`` kernel, in the units of :func:`ntkcv.ntk.jacobian.flops`.
+
+    ``(n₁+n₂)·O·R`` backward passes (≈ 3 forward passes each, as for ``"jacobian"``), plus twice the
+    multiply-adds of each covered layer's cheaper route (see the module docstring), plus the Jacobian
+    contraction ``2 n₁ n₂ O² R P_fallback`` of the fallback leaves. With no covered layer it equals
+    ``jacobian.flops``. ``"auto"`` can therefore take the minimum of this, ``jacobian.flops`` and
+    ``ntvp.flops``.
+    """
+    o, r = profile.kept, profile.traced
+    total = (n1 + n2) * o * r * 3 * profile.forward_flops + 2.0 * n1 * n2 * o * o * r * cover.fallback_size
+    for layer in cover.planned:
+        costs = _route_costs(layer, n1, n2, o, r, same=False)
+        total += 2.0 * costs[_choose(costs)][0]
+    return total
+
+
+def tile_bytes(profile: ModelProfile, b1: int, b2: int, cover: Coverage) -> int:
+    """Peak bytes of one ``b₁ × b₂`` tile: per-sample factors and fallback Jacobians of both tiles, the
+    backward passes' activations, each layer's route intermediates and the kernel block."""
+    o, r, item = profile.kept, profile.traced, profile.itemsize
+    elements = (b1 + b2) * o * r * cover.fallback_size + 2 * b1 * b2 * o * o
+    for layer in cover.planned:
+        costs = _route_costs(layer, b1, b2, o, r, same=False)
+        elements += (b1 + b2) * layer.positions * (layer.in_size + o * r * layer.out_size)
+        elements += costs[_choose(costs)][1]
+    return elements * item + (b1 + b2) * o * r * profile.activation_bytes
