@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,10 @@ from ntkcv.ntk import ntk_fn, ntk_operator
 from ntkcv.schedule import Schedule
 
 logger = logging.getLogger("ntkcv.monitor")
+
+
+class _HookState(NamedTuple):
+    step: jax.Array  # updates seen by the optax transform
 
 BATCH = "batch"  # probes=BATCH: use the minibatch passed to each call
 
@@ -152,6 +156,40 @@ class NTKMonitor:
             if arrays:
                 sink.write_arrays(step, {name: np.asarray(a) for name, a in arrays.items()})
         return values
+
+    def as_optax_transform(self):
+        """The monitor as an optax transformation that passes updates through unchanged.
+
+        ``optax.chain(monitor.as_optax_transform(), optax.adam(1e-3))`` records the CVs of the parameters
+        each update receives (call ``optimizer.update(grads, state, params)``), counting steps in its
+        state. The schedule is evaluated inside the jitted update (``every_steps``, ``on_steps`` and
+        ``log_spaced``); only when it fires are the parameters handed to the host, through
+        ``jax.experimental.io_callback``. An ``every_secs`` schedule needs the host clock on every step
+        and is refused; so is ``probes="batch"``. Loss and other scalars still go through ``monitor(...)``.
+        """
+        import optax
+        from jax.experimental import io_callback
+
+        if self.schedule.every_secs is not None or isinstance(self.probes, str):
+            raise ValueError("as_optax_transform needs a step-based schedule (every_steps, on_steps, log_spaced) "
+                             "and fixed probes")
+        every, steps = self.schedule.every_steps, jnp.asarray(sorted(self.schedule.steps), jnp.int32)
+
+        def init(params):
+            del params
+            return _HookState(jnp.zeros([], jnp.int32))
+
+        def record(step, params) -> None:
+            self(int(step), params)
+
+        def update(updates, state, params=None):
+            if params is None:
+                raise ValueError("the monitor transform needs the parameters: optimizer.update(grads, state, params)")
+            fires = jnp.isin(state.step, steps) | (state.step % every == 0 if every else False)
+            jax.lax.cond(fires, lambda: io_callback(record, None, state.step, params, ordered=True), lambda: None)
+            return updates, _HookState(state.step + 1)
+
+        return optax.GradientTransformation(init, update)
 
     def _probe_inputs(self, batch: Any) -> jax.Array:
         if not isinstance(self.probes, str):

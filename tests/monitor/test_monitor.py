@@ -114,3 +114,32 @@ def test_bad_input_names_the_problem():
     monitor = ntkcv.NTKMonitor(apply_fn, jnp.ones((4, 7)), schedule=ntkcv.Schedule(every_steps=1))
     with pytest.raises(TypeError, match="dot_general"):  # wrong feature shape: the model's own error
         monitor(0, params)
+
+
+def test_optax_transform_records_the_scheduled_steps_from_inside_jit():
+    import optax
+
+    apply_fn, params, x = _model()
+    sink = RecordingSink()
+    monitor = ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_steps=3, on_steps=(4,)), cvs=("entropy",),
+                               sinks=[sink])
+    optimizer = optax.chain(monitor.as_optax_transform(), optax.sgd(0.05))
+    state = optimizer.init(params)
+    history = []
+
+    @jax.jit
+    def train_step(params, state):
+        grads = jax.grad(lambda p: jnp.sum(apply_fn(p, x) ** 2))(params)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(8):
+        history.append(params)
+        params, state = train_step(params, state)
+    jax.effects_barrier()
+    assert [s for s, _ in sink.scalars["cv/entropy"]] == [0, 3, 4, 6]
+    for step, value in sink.scalars["cv/entropy"]:
+        expected = collective_variables(ntkcv.ntk_fn(apply_fn)(history[step], x), ["entropy"])["entropy"]
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="step-based schedule"):
+        ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_secs=1.0)).as_optax_transform()
