@@ -53,7 +53,7 @@ def _budget_for_tile(model, x, trace_axes, implementation, tile):
     return _Costs(f, model.params, x, profile).tile_bytes[Implementation(implementation)](tile, tile)
 
 
-@pytest.mark.parametrize("case", ["mlp_tanh", "sequence", "nnx"])
+@pytest.mark.parametrize("case", ["mlp_tanh", "cnn", "sequence", "nnx"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_diagonal_mode_equals_diagonal_of_full_kernel(case, implementation, dtype):
     model, x1, _ = make_case(case, dtype)

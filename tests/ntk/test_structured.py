@@ -12,7 +12,7 @@ from flax import nnx
 import ntkcv
 from ntkcv.ntk import structured
 from ntkcv.ntk.layout import canonical_fn, output_layout
-from tests.ntk.models import CASES, dense_jacobian, make_case, reference_kernel, relative_error
+from tests.ntk.models import CASES, dense_jacobian, make_case, relative_error
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 FLOAT32_CASES = ("mlp_tanh", "cnn", "sequence", "nnx")
@@ -191,19 +191,3 @@ def test_cost_model_prefers_structured_for_the_reference_mlp():
     profile = ModelProfile(1, 10, cover.covered_size, 4, 2.0 * cover.covered_size, 40_000)
     assert structured.flops(profile, 256, 256, cover) < jacobian.flops(profile, 256, 256) / 10
     assert structured.tile_bytes(profile, 256, 256, cover) < jacobian.tile_bytes(profile, 256, 256) / 10
-
-
-@pytest.mark.skipif("structured" not in {i.value for i in ntkcv.Implementation},
-                    reason="the engine has not registered implementation='structured' yet")
-@pytest.mark.parametrize("case", ["cnn", "sequence", "nnx"])
-def test_through_ntk_fn(case, dtype):
-    model, x1, x2 = make_case(case, dtype)
-    for trace_axes in [(-1,), ()]:
-        kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="structured")
-        expected = reference_kernel(model.apply_fn, model.params, x1, x2, trace_axes)
-        assert relative_error(kernel_fn(model.params, x1, x2), expected) <= TOLERANCE[np.dtype(dtype).name]
-        diagonal = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="structured",
-                                diagonal=True)(model.params, x1)
-        full = reference_kernel(model.apply_fn, model.params, x1, x1, trace_axes)
-        expected = np.stack([full[i, i] for i in range(x1.shape[0])])
-        assert relative_error(diagonal, expected) <= TOLERANCE[np.dtype(dtype).name]
