@@ -102,6 +102,7 @@ class NTKMonitor:
         self.matrix_free, self.log_spectrum, self.weight_metrics = matrix_free, log_spectrum, weight_metrics
         self.sinks = list(sinks)
         self.trace_count = 0  # how often the CV computation was traced (compiled)
+        self._checked_shapes: set = set()
         kernel_fn = ntk_fn(self.apply_fn, trace_axes=trace_axes, implementation=implementation)
         num_classes = None
         if self.labels is not None and jnp.issubdtype(self.labels.dtype, jnp.integer):
@@ -136,7 +137,7 @@ class NTKMonitor:
         values = {f"train/{name}": value for name, value in scalars.items()}
         arrays = {}
         if self.cvs and self.schedule(step):
-            x = self._probe_inputs(batch)
+            x = self._probe_inputs(params, batch)
             cvs, eigenvalues = self._compute(params, x, self.labels)
             values.update({f"cv/{name}": value for name, value in cvs.items()})
             if eigenvalues is not None:
@@ -191,12 +192,22 @@ class NTKMonitor:
 
         return optax.GradientTransformation(init, update)
 
-    def _probe_inputs(self, batch: Any) -> jax.Array:
-        if not isinstance(self.probes, str):
-            return self.probes
-        if batch is None:
-            raise ValueError("probes='batch' needs the minibatch: call monitor(step, params, batch=x, ...)")
-        return jnp.asarray(batch)
+    def _probe_inputs(self, params: Any, batch: Any) -> jax.Array:
+        """The probe inputs of this call, checked against the model once per shape."""
+        if isinstance(self.probes, str):
+            if batch is None:
+                raise ValueError("probes='batch' needs the minibatch: call monitor(step, params, batch=x, ...)")
+            x = jnp.asarray(batch)
+        else:
+            x = self.probes
+        if (x.shape, x.dtype) not in self._checked_shapes:
+            try:
+                jax.eval_shape(self.apply_fn, params, x)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"probe inputs of shape {x.shape} and dtype {x.dtype} do not fit the model: "
+                                 f"{str(error).splitlines()[0]}") from error
+            self._checked_shapes.add((x.shape, x.dtype))
+        return x
 
     def flush(self) -> None:
         for sink in self.sinks:

@@ -73,7 +73,11 @@ def train(config: RunConfig, *, resume: bool = False, console: Any = None) -> di
     from ntkcv.sinks import ConsoleSink, HDF5Sink, TensorBoardSink
 
     run_dir = pathlib.Path(config.output.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    except OSError as error:
+        raise ValueError(f"output.dir {str(run_dir)!r} is not a writable directory: {error}") from error
     data = load_dataset(config.data.name, path=config.data.path, train_size=config.data.train_size,
                         test_size=config.data.test_size, seed=config.train.seed)
     num_outputs = data.num_classes if data.task == "classification" else data.y_train.shape[-1]
@@ -122,7 +126,6 @@ def train(config: RunConfig, *, resume: bool = False, console: Any = None) -> di
         sinks.append(HDF5Sink(run_dir / "ntkcv.h5", resume_from_step=start if resume else None))
     if config.output.progress:
         sinks.append(ConsoleSink(config.train.steps, console=console))
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     x_probe, y_probe = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
     labels = y_probe if data.task == "classification" else None

@@ -76,3 +76,11 @@ def test_cli_reports_config_errors(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ntkcv.cli", "train", str(bad)], capture_output=True, text=True)
     assert done.returncode == 2
     assert "unknown key 'train.stepz'" in done.stderr
+
+
+def test_output_dir_that_is_not_writable_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = load_config(None, {**SMALL, "train.steps": 2, "output.dir": str(blocker / "run")})
+    with pytest.raises(ValueError, match=r"output\.dir .* is not a writable directory"):
+        train(config)

@@ -112,7 +112,7 @@ def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="Unknown collective variables"):
         ntkcv.NTKMonitor(apply_fn, x, cvs=("entropyy",), schedule=ntkcv.Schedule(every_steps=1))(0, params)
     monitor = ntkcv.NTKMonitor(apply_fn, jnp.ones((4, 7)), schedule=ntkcv.Schedule(every_steps=1))
-    with pytest.raises(TypeError, match="dot_general"):  # wrong feature shape: the model's own error
+    with pytest.raises(ValueError, match=r"probe inputs of shape \(4, 7\).*do not fit the model"):
         monitor(0, params)
 
 
