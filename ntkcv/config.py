@@ -67,7 +67,7 @@ class MonitorConfig:
     cvs: tuple[str, ...] = ("entropy", "effective_entropy", "trace", "target_alignment")
     trace_axes: tuple[int, ...] = (-1,)
     implementation: Literal["auto", "jacobian", "ntvp", "structured"] = "auto"
-    matrix_free: bool = False
+    matrix_free: bool | Literal["auto"] = False  # "auto": the cheaper of exact and matrix-free per probe shape
     weight_metrics: bool = True
     spectrum: bool = True
 
@@ -162,7 +162,13 @@ def _value(hint: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _value(next(a for a in args if a is not type(None)), value, where)
+        reasons = []
+        for alternative in (a for a in args if a is not type(None)):
+            try:
+                return _value(alternative, value, where)
+            except ConfigError as error:
+                reasons.append(str(error).removeprefix(f"{where} "))
+        raise ConfigError(f"{where} {' or '.join(reasons)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")

@@ -26,10 +26,25 @@ import numpy as np
 from ntkcv.cv import collective_variables, spectrum, weight_spectra
 from ntkcv.cv.estimators import entropy_slq, trace_hutchpp
 from ntkcv.models import Model
-from ntkcv.ntk import ntk_fn, ntk_operator
+from ntkcv.ntk import matvec_flops, ntk_fn, ntk_operator
+from ntkcv.ntk.layout import output_layout
 from ntkcv.schedule import Schedule
 
 logger = logging.getLogger("ntkcv.monitor")
+
+
+#: Effective FLOPs per n³ of ``eigvalsh`` on an n × n kernel, calibrated on the cv_scale benchmark.
+EIGH_FLOPS_PER_N3 = 10.0
+
+
+def prefer_matrix_free(apply_fn: Callable, params: Any, x: jax.Array, *, trace_axes: Sequence[int],
+                       num_probes: int, num_matvecs: int) -> bool:
+    """Whether the matrix-free estimators are cheaper than the exact eigendecomposition for these shapes."""
+    kept = output_layout(apply_fn, params, x, trace_axes).kept_size
+    exact = EIGH_FLOPS_PER_N3 * float(x.shape[0] * kept) ** 3
+    estimated = num_probes * num_matvecs * matvec_flops(apply_fn, params, x, trace_axes=trace_axes)
+    logger.debug("exact %.3g vs matrix-free %.3g FLOPs", exact, estimated)
+    return estimated < exact
 
 
 class _HookState(NamedTuple):
@@ -52,7 +67,10 @@ class NTKMonitor:
         ``matrix_free`` is set; ``()`` computes no NTK (the monitor then only records scalars).
       matrix_free: estimate entropy and trace from the matrix-free operator (stochastic Lanczos
         quadrature and Hutch++) instead of building Θ; values come with standard errors
-        (``cv/<name>_stderr``).
+        (``cv/<name>_stderr``). ``"auto"`` decides per probe shape by estimated cost: exact costs
+        ``EIGH_FLOPS_PER_N3 · n³`` for the eigendecomposition of the ``n × n`` kernel (its build is
+        cheap with the structured path), matrix-free ``num_probes · num_matvecs`` operator products
+        (:func:`ntkcv.ntk.matvec_flops`); the smaller wins (only when ``cvs`` ⊆ {entropy, trace}).
       num_probes, num_matvecs, seed: budget and randomness of the matrix-free estimators.
       log_spectrum: also write the eigenvalue spectrum as an array (a histogram in TensorBoard).
       weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``).
@@ -73,7 +91,7 @@ class NTKMonitor:
         labels: Any = None,
         schedule: Schedule | None = None,
         cvs: Sequence[str] = ("entropy", "effective_entropy", "trace"),
-        matrix_free: bool = False,
+        matrix_free: bool | str = False,
         num_probes: int = 30,
         num_matvecs: int = 30,
         seed: int = 0,
@@ -97,7 +115,10 @@ class NTKMonitor:
                              f"labels of shape {self.labels.shape}")
         self.schedule = schedule or Schedule(every_steps=100)
         self.cvs = tuple(cvs)
-        if matrix_free and not set(self.cvs) <= {"entropy", "trace"}:
+        if matrix_free not in (True, False, "auto"):
+            raise ValueError(f"matrix_free must be True, False or 'auto', got {matrix_free!r}")
+        estimable = set(self.cvs) <= {"entropy", "trace"}
+        if matrix_free is True and not estimable:
             raise ValueError(f"matrix_free supports the cvs 'entropy' and 'trace', got {list(self.cvs)}")
         self.matrix_free, self.log_spectrum, self.weight_metrics = matrix_free, log_spectrum, weight_metrics
         self.sinks = list(sinks)
@@ -129,7 +150,12 @@ class NTKMonitor:
                 values.update(trace=est.value, trace_stderr=est.stderr)
             return values, None
 
-        self._compute = jax.jit(estimated if matrix_free else exact)
+        def compute(params, x, labels):
+            use_estimators = matrix_free is True or (matrix_free == "auto" and estimable and prefer_matrix_free(
+                self.apply_fn, params, x, trace_axes=trace_axes, num_probes=num_probes, num_matvecs=num_matvecs))
+            return (estimated if use_estimators else exact)(params, x, labels)
+
+        self._compute = jax.jit(compute)
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""

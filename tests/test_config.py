@@ -40,3 +40,10 @@ def test_missing_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_union_values_accept_each_alternative_and_name_both_on_error():
+    assert load_config(None, {"monitor.matrix_free": "auto"}).monitor.matrix_free == "auto"
+    assert load_config(None, {"monitor.matrix_free": True}).monitor.matrix_free is True
+    with pytest.raises(ConfigError, match=r"monitor\.matrix_free must be true or false, got 'x' or must be one of"):
+        load_config(None, {"monitor.matrix_free": "x"})

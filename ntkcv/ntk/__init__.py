@@ -2,6 +2,6 @@
 
 from ntkcv.ntk.kernel import Implementation, ntk_fn
 from ntkcv.ntk.layout import flatten_kernel
-from ntkcv.ntk.operator import NTKOperator, ntk_operator
+from ntkcv.ntk.operator import NTKOperator, matvec_flops, ntk_operator
 
-__all__ = ["Implementation", "NTKOperator", "flatten_kernel", "ntk_fn", "ntk_operator"]
+__all__ = ["Implementation", "NTKOperator", "flatten_kernel", "matvec_flops", "ntk_fn", "ntk_operator"]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ntkcv.ntk.layout import canonical_fn, output_layout
+from ntkcv.ntk.profile import profile_model
 from ntkcv.ntk.validate import check_inputs, check_params
 
 
@@ -89,3 +90,14 @@ def ntk_operator(
             return out.reshape(count * chunk, kept)[:n].reshape(-1)
 
     return NTKOperator(matvec, n * kept, basis.dtype)
+
+
+def matvec_flops(apply_fn: Callable, params: Any, x: jax.Array, *, trace_axes: Sequence[int] = (-1,)) -> float:
+    """Estimated FLOPs of one ``matvec`` of :func:`ntk_operator`: for each of the ``R`` traced outputs a
+    pullback and a push-forward over the ``N`` samples, about 4 forward passes (XLA's cost analysis of
+    one sample's forward pass)."""
+    num_params = check_params(params)
+    layout = output_layout(apply_fn, params, x, trace_axes)
+    f = canonical_fn(apply_fn, layout)
+    profile = profile_model(f, params, x, layout.kept_size, layout.traced_size, num_params)
+    return 4.0 * layout.traced_size * x.shape[0] * profile.forward_flops

@@ -143,3 +143,17 @@ def test_optax_transform_records_the_scheduled_steps_from_inside_jit():
         np.testing.assert_allclose(value, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="step-based schedule"):
         ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_secs=1.0)).as_optax_transform()
+
+
+def test_auto_picks_exact_for_small_kernels_and_matrix_free_for_large_ones():
+    from ntkcv.monitor import prefer_matrix_free
+
+    apply_fn, params, x = _model()
+    monitor = ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_steps=1), cvs=("entropy", "trace"),
+                               matrix_free="auto")
+    assert "cv/entropy_stderr" not in monitor(0, params)  # 12 x 12: the eigendecomposition is cheaper
+    big = jnp.ones((4000, 5))
+    assert prefer_matrix_free(apply_fn, params, big, trace_axes=(), num_probes=30, num_matvecs=30)
+    assert not prefer_matrix_free(apply_fn, params, x, trace_axes=(), num_probes=30, num_matvecs=30)
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        ntkcv.NTKMonitor(apply_fn, x, matrix_free="sometimes")
