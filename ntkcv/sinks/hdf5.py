@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -58,9 +59,7 @@ class HDF5Sink(Sink):
         self._first_step: int | None = None
         self._file: h5py.File | None = _open_or_recover(self.path)
         now = datetime.datetime.now(datetime.UTC).isoformat()
-        from ntkcv import __version__
-
-        self._file.attrs["ntkcv_version"] = __version__
+        self._file.attrs["ntkcv_version"] = importlib.metadata.version("ntkcv")
         self._file.attrs.setdefault("created", now)
         self._file.attrs["opened"] = now
         if resume_from_step is not None:
