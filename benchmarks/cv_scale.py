@@ -107,8 +107,8 @@ def _in_subprocess(method: str, kind: str, n: int, probes: int, matvecs: int, ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--probes", type=int, default=50)
-    parser.add_argument("--matvecs", type=int, default=30)
+    parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--matvecs", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--child", choices=["exact", "matrix_free"])
     parser.add_argument("--kind", choices=["full", "traced"])

@@ -160,6 +160,8 @@ def main() -> None:
     peer_ok = not args.no_peer and PEER_PYTHON.exists()
     peer_impls = args.peer_implementations.split(",") if peer_ok else []
     info = describe()
+    output = Path(args.output) if args.output else HERE / "results" / f"ntk_speed-{machine_tag()}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
     rows, slow = [], set()  # (model, mode, implementation) that timed out at a smaller N are skipped
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -189,10 +191,8 @@ def main() -> None:
                               flush=True)
                     _summarise(row, kernels)
                     rows.append(row)
-    report = {"machine": info, "command": " ".join(sys.argv), "rows": rows}
-    output = Path(args.output) if args.output else HERE / "results" / f"ntk_speed-{machine_tag()}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
+                    report = {"machine": info, "command": " ".join(sys.argv), "rows": rows}
+                    output.write_text(json.dumps(report, indent=1))  # after every row: a stopped run keeps its rows
     print(markdown(report, impls, peer_impls))
     print(f"\nwritten to {output}", file=sys.stderr)
 
