@@ -50,7 +50,12 @@ def plan_tiles(n1: int, n2: int, tile_bytes: TileBytesFn, memory_budget: int, nu
             lo = mid
         else:
             hi = mid - 1
-    return min(lo, rows), min(lo, n2)
+    return _balanced(rows, lo), _balanced(n2, lo)
+
+
+def _balanced(n: int, tile: int) -> int:
+    """The smallest tile that covers ``n`` in as few tiles of at most ``tile`` as possible (least padding)."""
+    return math.ceil(n / math.ceil(n / tile))
 
 
 def _split(x: jax.Array, tile: int, multiple: int = 1) -> jax.Array:
