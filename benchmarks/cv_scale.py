@@ -107,6 +107,7 @@ def _in_subprocess(method: str, kind: str, n: int, probes: int, matvecs: int, ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", help="comma list of kind:N, e.g. full:2000,traced:1024 (default: the full set)")
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--matvecs", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=1800)
@@ -124,7 +125,11 @@ def main() -> None:
     header = ("| kernel | N | dim | exact S | exact s | matrix-free S ± se | matrix-free s | rel. err S | "
               "speed-up | exact RSS GB | m-f RSS GB | faster |")
     print(header + "\n|" + "---|" * 12, flush=True)
-    for kind, n in ROWS_QUICK if args.quick else ROWS_FULL:
+    selected = ROWS_QUICK if args.quick else ROWS_FULL
+    if args.rows:
+        selected = [(kind, int(n)) for kind, n in (item.split(":") for item in args.rows.split(","))]
+    name = "cv_scale" + ("-quick" if args.quick else "")
+    for kind, n in selected:
         exact = _in_subprocess("exact", kind, n, args.probes, args.matvecs, args.timeout)
         free = _in_subprocess("matrix_free", kind, n, args.probes, args.matvecs, args.timeout)
         row = {"kernel": kind, "n": n, "dim": n * (10 if kind == "full" else 1), "exact": exact, "matrix_free": free}
@@ -141,8 +146,7 @@ def main() -> None:
               f"{fmt(free, 'seconds', '{:.1f}'.format)} | {row.get('relative_error_entropy', float('nan')):.2%} | "
               f"{row.get('speedup', float('nan')):.1f}× | {exact.get('peak_rss_bytes', 0) / 1e9:.2f} | "
               f"{free.get('peak_rss_bytes', 0) / 1e9:.2f} | {row.get('faster', '–')} |", flush=True)
-    path = write_result("cv_scale" + ("-quick" if args.quick else ""),
-                        {"probes": args.probes, "lanczos_steps": args.matvecs, "rows": rows})
+        path = write_result(name, {"probes": args.probes, "lanczos_steps": args.matvecs, "rows": rows})
     print(f"\nwrote {path}")
 
 
