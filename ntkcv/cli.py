@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Train as the config says (the embedded-digits MLP by default) with the NTK monitor."""
     from ntkcv.config import ConfigError, load_config
-    from ntkcv.train import train
+    from ntkcv.train import resolve_run_dir, train
 
     overrides = dict(_parse_override(item) for item in args.set)
     try:
@@ -53,9 +53,14 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"ntkcv train: invalid config: {error}", file=sys.stderr)
         return 2
-    print(f"ntkcv train: {config.model.kind} on {config.data.name}, {config.train.steps} steps; "
-          f"TensorBoard run: tensorboard --logdir {config.output.dir}/tensorboard", flush=True)
-    result = train(config, resume=args.resume)
+    try:
+        run_dir = resolve_run_dir(config.output.dir, resume=args.resume)
+    except ValueError as error:
+        print(f"ntkcv train: {error}", file=sys.stderr)
+        return 2
+    print(f"ntkcv train: {config.model.kind} on {config.data.name}, {config.train.steps} steps in {run_dir}\n"
+          f"  watch it: tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
+    result = train(config, resume=args.resume, run_dir=run_dir)
     print(f"done in {result['seconds']:.1f} s. TensorBoard: tensorboard --logdir {result['tensorboard']}   "
           f"HDF5: {result['hdf5']}")
     print("  " + "  ".join(f"{k}={v:.4g}" for k, v in result.items() if k.startswith("final/")))

@@ -74,7 +74,7 @@ class MonitorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
-    dir: str = "runs/digits-mlp"
+    dir: str = "runs/digits-mlp-{time}"  # "{time}" becomes the start time, so each run gets its own directory
     checkpoint_every: int = 200
     tensorboard: bool = True
     hdf5: bool = True

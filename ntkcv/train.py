@@ -66,13 +66,24 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     return order[position * batch_size : (position + 1) * batch_size]
 
 
-def train(config: RunConfig, *, resume: bool = False, console: Any = None) -> dict[str, Any]:
-    """Train as configured; returns the run's final metrics and where its logs are."""
+def resolve_run_dir(template: str, *, resume: bool) -> pathlib.Path:
+    """``output.dir`` with ``{time}`` replaced by the start time; resuming needs a run's real directory."""
+    run_dir = pathlib.Path(template.format(time=time.strftime("%Y%m%d-%H%M%S"))).resolve()
+    if resume and "{time}" in template:
+        raise ValueError(f"--resume needs the run's own directory, not the template {template!r}: "
+                         "pass --set output.dir=PATH")
+    return run_dir
+
+
+def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Path | None = None,
+          console: Any = None) -> dict[str, Any]:
+    """Train as configured (in ``run_dir``, default: the resolved ``output.dir``); returns the final metrics
+    and where the logs are."""
     import orbax.checkpoint as ocp
 
     from ntkcv.sinks import ConsoleSink, HDF5Sink, TensorBoardSink
 
-    run_dir = pathlib.Path(config.output.dir).resolve()
+    run_dir = resolve_run_dir(config.output.dir, resume=resume) if run_dir is None else pathlib.Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
