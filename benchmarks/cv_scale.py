@@ -107,6 +107,7 @@ def _in_subprocess(method: str, kind: str, n: int, probes: int, matvecs: int, ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--name", default="cv_scale", help="result file name (before the machine tag)")
     parser.add_argument("--rows", help="comma list of kind:N, e.g. full:2000,traced:1024 (default: the full set)")
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--matvecs", type=int, default=20)
@@ -128,7 +129,7 @@ def main() -> None:
     selected = ROWS_QUICK if args.quick else ROWS_FULL
     if args.rows:
         selected = [(kind, int(n)) for kind, n in (item.split(":") for item in args.rows.split(","))]
-    name = "cv_scale" + ("-quick" if args.quick else "")
+    name = args.name + ("-quick" if args.quick else "")
     for kind, n in selected:
         exact = _in_subprocess("exact", kind, n, args.probes, args.matvecs, args.timeout)
         free = _in_subprocess("matrix_free", kind, n, args.probes, args.matvecs, args.timeout)
