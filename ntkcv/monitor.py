@@ -132,8 +132,10 @@ class NTKMonitor:
         def exact(params, x, labels):
             self.trace_count += 1
             kernel = kernel_fn(params, x)
-            values = collective_variables(kernel, self.cvs, labels=labels, num_classes=num_classes)
-            return values, (spectrum(kernel) if log_spectrum else None)
+            eigenvalues = spectrum(kernel) if log_spectrum else None  # shared with the CVs: one eigvalsh
+            values = collective_variables(kernel, self.cvs, labels=labels, num_classes=num_classes,
+                                          eigenvalues=eigenvalues)
+            return values, eigenvalues
 
         def estimated(params, x, labels):
             self.trace_count += 1

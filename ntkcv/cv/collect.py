@@ -72,6 +72,7 @@ def collective_variables(
     reference: jax.Array | None = None,
     top_k: int = 10,
     num_classes: int | None = None,
+    eigenvalues: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Compute the named collective variables of ``kernel`` sharing one eigendecomposition.
 
@@ -94,6 +95,8 @@ def collective_variables(
         ``subspace_overlap``; clipped to the matrix size ``n``.
       num_classes: number of classes for class-wise CVs; inferred as ``max(labels) + 1`` when the
         labels are concrete, required under ``jit``.
+      eigenvalues: the kernel's eigenvalues in descending order if already computed (e.g. by
+        :func:`~ntkcv.cv.spectrum`), so that no second ``eigvalsh`` runs.
 
     Returns:
       ``{name: scalar}``. Vector CVs are split into scalars ``"name/i"``: ``top_eigenvalues/0`` is
@@ -117,7 +120,7 @@ def collective_variables(
         eigenvalues, eigenvectors = symmetric_eigh(matrix)
         eigenvectors = eigenvectors[:, :top_k]
     else:
-        eigenvalues, eigenvectors = symmetric_eigvalsh(matrix), None
+        eigenvalues, eigenvectors = (symmetric_eigvalsh(matrix) if eigenvalues is None else eigenvalues), None
     if reference is not None:
         reference = as_matrix(reference, "reference")
         if reference.shape != matrix.shape:

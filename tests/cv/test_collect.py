@@ -67,6 +67,16 @@ def test_jit_compiles_once_and_calls_eigvalsh_once():
     assert jaxpr.count(" eigh[") == 1  # the primitive, once
 
 
+def test_precomputed_eigenvalues_are_used_and_give_the_same_values():
+    names = ["entropy", "effective_rank", "participation_ratio", "trace"]
+    shared = jax.make_jaxpr(lambda k: cv.collective_variables(k, names, eigenvalues=cv.spectrum(k)))(KERNEL)
+    assert str(shared).count(" eigh[") == 1
+    given = cv.collective_variables(KERNEL, names, eigenvalues=cv.spectrum(KERNEL))
+    computed = cv.collective_variables(KERNEL, names)
+    for name in names:
+        np.testing.assert_allclose(given[name], computed[name], rtol=1e-12)
+
+
 def test_labels_under_jit_need_num_classes():
     fn = jax.jit(lambda k, y: cv.collective_variables(k, ["class_trace"], labels=y, num_classes=2))
     np.testing.assert_allclose(
