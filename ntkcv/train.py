@@ -166,6 +166,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
             values = monitor(step, params, **scalars)
             last_cvs.update({k: v for k, v in values.items() if k.startswith("cv/")})
             params = new_params
+            if checkpoints.should_save(step):  # logs up to a checkpoint must survive a crash after it
+                monitor.flush()
             checkpoints.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
         checkpoints.wait_until_finished()
         final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
