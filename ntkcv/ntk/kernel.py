@@ -16,7 +16,14 @@ import jax.numpy as jnp
 from ntkcv.ntk import jacobian, ntvp, structured
 from ntkcv.ntk.layout import canonical_fn, output_layout
 from ntkcv.ntk.profile import ModelProfile, profile_model
-from ntkcv.ntk.tiling import default_memory_budget, plan_tiles, tiled_diagonal, tiled_kernel
+from ntkcv.ntk.tiling import (
+    default_memory_budget,
+    plan_split,
+    plan_tiles,
+    tiled_kernel,
+    tiled_per_sample,
+    tiled_split_kernel,
+)
 from ntkcv.ntk.validate import check_inputs, check_params
 
 logger = logging.getLogger("ntkcv.ntk")
@@ -58,6 +65,7 @@ class _Costs:
                       for impl, module in _MODULES.items()}
         self.tile_bytes = {impl: functools.partial(module.tile_bytes, profile, **extra.get(impl, {}))
                            for impl, module in _MODULES.items()}
+        self.split_bytes = functools.partial(structured.split_bytes, profile, **extra[Implementation.STRUCTURED])
 
 
 def _choose(costs: _Costs, n1: int, n2: int) -> Implementation:
@@ -150,23 +158,39 @@ def ntk_fn(
         n2 = n1 if x2 is None else x2.shape[0]
         chosen = _choose(costs, n1, n2) if impl is Implementation.AUTO else impl
         budget = default_memory_budget() if memory_budget is None else memory_budget
-        return layout, f, costs.tile_bytes[chosen], _MODULES[chosen], budget
+        return layout, f, costs, chosen, budget
+
+    def tiled(f, params, x1, x2, costs, chosen, budget):
+        """One tile if it fits; else, for ``structured``, each sample's features built once and contracted in
+        tiles (when all features fit in half the budget); else tiles that each build their own."""
+        n1, num_devices = x1.shape[0], len(jax.local_devices())
+        n2 = n1 if x2 is None else x2.shape[0]
+        module, tile_bytes = _MODULES[chosen], costs.tile_bytes[chosen]
+        if chosen is Implementation.STRUCTURED and tile_bytes(-(-n1 // num_devices), n2) > budget:
+            split = structured.split_fn(f, params, x1, n1, n2, same=x2 is None)
+            stored, build_bytes, contract_bytes = costs.split_bytes(n1, n2, same=x2 is None)
+            samples = n1 if x2 is None else n1 + n2
+            planned = plan_split(n1, n2, samples * stored, build_bytes, contract_bytes, budget, num_devices)
+            if split is not None and planned is not None:
+                logger.debug("structured: features in tiles of %d, contraction in %s tiles", *planned)
+                return tiled_split_kernel(*split, x1, x2, *planned)
+        tiles = plan_tiles(n1, n2, tile_bytes, budget, num_devices)
+        return tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b), x1, x2, tiles)
 
     @jax.jit
     def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
         with jax.default_matmul_precision(precision):
-            layout, f, tile_bytes, module, budget = prepare(params, x1, x2)
-            n2 = x1.shape[0] if x2 is None else x2.shape[0]
-            tiles = plan_tiles(x1.shape[0], n2, tile_bytes, budget, len(jax.local_devices()))
-            kernel = tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b), x1, x2, tiles)
+            layout, f, costs, chosen, budget = prepare(params, x1, x2)
+            kernel = tiled(f, params, x1, x2, costs, chosen, budget)
             return _nan_if_nonfinite(layout.unflatten_kernel(kernel))
 
     @jax.jit
     def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
         with jax.default_matmul_precision(precision):
-            layout, f, tile_bytes, module, budget = prepare(params, x, None)
+            layout, f, costs, chosen, budget = prepare(params, x, None)
+            tile_bytes, module = costs.tile_bytes[chosen], _MODULES[chosen]
             tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
-            diag = tiled_diagonal(lambda t: module.diagonal_tile(f, params, t), x, tile)
+            diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t), x, tile)
             return _nan_if_nonfinite(layout.unflatten_diagonal(diag))
 
     return diagonal_fn if diagonal else kernel_fn

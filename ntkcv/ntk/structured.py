@@ -305,19 +305,17 @@ def _pair_products(w1, w2):
     return products.reshape(n1, kept, n2, kept).transpose(0, 2, 1, 3)
 
 
-def _layer_kernel(layer, factors1, factors2, route):
-    (u1, g1), (u2, g2) = factors1, factors2
-    if route == "gram":
-        if layer.positions == 1:  # plain Dense: (u_a·u_b) (g_a·g_b)
-            a = _input_gram(layer, u1, u2, g1.dtype)[:, 0, :, 0]
-            return a[:, :, None, None] * _pair_products(g1[:, 0].reshape(g1.shape[0], g1.shape[2], -1),
-                                                        g2[:, 0].reshape(g2.shape[0], g2.shape[2], -1))
-        a = _input_gram(layer, u1, u2, g1.dtype)
-        b = jnp.einsum("atorh,bsqrh->atbsoq", g1, g2)
-        return jnp.einsum("atbs,atbsoq->aboq", a, b)
-    w1 = _weight_grads(layer, u1, g1)
-    w2 = w1 if factors2 is factors1 else _weight_grads(layer, u2, g2)
-    return _pair_products(w1, w2)
+def _layer_kernel(layer, features1, features2, route):
+    if route == "grad":
+        return _pair_products(features1[0], features2[0])
+    (u1, g1), (u2, g2) = features1, features2
+    if layer.positions == 1:  # plain Dense: (u_a·u_b) (g_a·g_b)
+        a = _input_gram(layer, u1, u2, g1.dtype)[:, 0, :, 0]
+        return a[:, :, None, None] * _pair_products(g1[:, 0].reshape(g1.shape[0], g1.shape[2], -1),
+                                                    g2[:, 0].reshape(g2.shape[0], g2.shape[2], -1))
+    a = _input_gram(layer, u1, u2, g1.dtype)
+    b = jnp.einsum("atorh,bsqrh->atbsoq", g1, g2)
+    return jnp.einsum("atbs,atbsoq->aboq", a, b)
 
 
 def _layer_diagonal(layer, factors, route):
@@ -332,24 +330,50 @@ def _layer_diagonal(layer, factors, route):
     return jnp.einsum("aom,aqm->aoq", w, w)
 
 
+def _routes(plan: _Plan, n1: int, n2: int, *, same: bool) -> dict[str, str]:
+    kept, traced = plan.out_shape
+    return {layer.key: _choose(_route_costs(layer, n1, n2, kept, traced, same=same)) for layer in plan.layers}
+
+
+def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, same: bool):
+    """``(features_fn, contract_fn)`` for an ``n₁ × n₂`` kernel: ``features_fn(x_tile)`` builds each sample's
+    share once (per layer, the factors its route contracts: ``(U, G)`` for "gram", the weight gradient for
+    "grad"; the fallback Jacobians), ``contract_fn(F₁, F₂) -> (b₁, b₂, O, O)`` pairs them up. A tiled kernel
+    then builds every sample's features once, however many tiles it is cut into. ``None`` when no layer is
+    covered."""
+    plan = _plan(f, params, x)
+    if not plan.layers:
+        return None
+    routes = _routes(plan, n1, n2, same=same)
+    for layer in plan.layers:
+        logger.debug("structured: %s takes the %s route for a %dx%d kernel", layer.key, routes[layer.key], n1, n2)
+
+    def features_fn(x_tile):
+        factors, jac = _per_sample(f, plan, x_tile)
+        layers = {layer.key: (_weight_grads(layer, *factors[layer.key]),) if routes[layer.key] == "grad"
+                  else factors[layer.key] for layer in plan.layers}
+        return layers, jac
+
+    def contract_fn(features1, features2):
+        (layers1, jac1), (layers2, jac2) = features1, features2
+        total = jacobian.contract_jacobians(jac1, jac2) if plan.fallback else 0.0
+        for layer in plan.layers:
+            total = total + _layer_kernel(layer, layers1[layer.key], layers2[layer.key], routes[layer.key])
+        return total
+
+    return features_fn, contract_fn
+
+
 def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None) -> jax.Array:
     """Θ(x₁, x₂) of shape ``(N₁, N₂, O, O)``, layer-factorised where possible; ``x2=None``: ``x2 = x1``."""
-    plan = _plan(f, params, x1)
-    if not plan.layers:
-        return jacobian.kernel_tile(f, params, x1, x2)
-    factors1, jac1 = _per_sample(f, plan, x1)
-    factors2, jac2 = (factors1, jac1) if x2 is None else _per_sample(f, plan, x2)
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
-    kept, traced = plan.out_shape
-    total = jacobian.contract_jacobians(jac1, jac2) if plan.fallback else 0.0
-    for layer in plan.layers:
-        route = _choose(_route_costs(layer, n1, n2, kept, traced, same=x2 is None))
-        logger.debug("structured: %s takes the %s route for a %dx%d tile", layer.key, route, n1, n2)
-        f1 = factors1[layer.key]
-        f2 = f1 if x2 is None else factors2[layer.key]
-        total = total + _layer_kernel(layer, f1, f2, route)
-    return total
+    split = split_fn(f, params, x1, n1, n2, same=x2 is None)
+    if split is None:
+        return jacobian.kernel_tile(f, params, x1, x2)
+    features_fn, contract_fn = split
+    features1 = features_fn(x1)
+    return contract_fn(features1, features1 if x2 is None else features_fn(x2))
 
 
 def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array) -> jax.Array:
@@ -435,3 +459,26 @@ def tile_bytes(profile: ModelProfile, b1: int, b2: int, cover: Coverage) -> int:
         elements += (b1 + b2) * layer.positions * (layer.in_size + o * r * layer.out_size)
         elements += costs[_choose(costs)][1]
     return elements * item + (b1 + b2) * o * r * profile.activation_bytes
+
+
+def split_bytes(profile: ModelProfile, n1: int, n2: int, cover: Coverage, *, same: bool):
+    """Memory of :func:`split_fn`'s path: ``(bytes of one sample's stored features, build_bytes(b), contract_bytes(b₁,
+    b₂))``, the last two the peaks of building ``b`` samples' features and of contracting a ``b₁ × b₂`` tile."""
+    o, r, item = profile.kept, profile.traced, profile.itemsize
+    stored, factors, pair = o * r * cover.fallback_size, 0, 0
+    for layer in cover.planned:
+        t, d, h = layer.positions, layer.in_size, layer.out_size
+        factors += t * (d + o * r * h)
+        if _choose(_route_costs(layer, n1, n2, o, r, same=same)) == "grad":
+            stored += o * r * d * h
+        else:
+            stored += t * (d + o * r * h)
+            pair += t * t * (o * o + 1) if t > 1 else 0
+
+    def build_bytes(b: int, _: int = 0) -> int:
+        return b * ((stored + factors) * item + o * r * profile.activation_bytes)
+
+    def contract_bytes(b1: int, b2: int) -> int:
+        return b1 * b2 * (pair + 2 * o * o) * item
+
+    return stored * item, build_bytes, contract_bytes

@@ -43,14 +43,17 @@ def plan_tiles(n1: int, n2: int, tile_bytes: TileBytesFn, memory_budget: int, nu
             f"memory_budget of {memory_budget:,} bytes is too small for one tile: a single pair of samples "
             f"needs about {tile_bytes(1, 1):,} bytes with this model and implementation"
         )
-    lo, hi = 1, max(rows, n2)
-    while lo < hi:  # largest square tile that fits
+    side = _largest(lambda b: tile_bytes(min(b, rows), min(b, n2)) <= memory_budget, max(rows, n2))
+    return _balanced(rows, side), _balanced(n2, side)
+
+
+def _largest(fits: Callable[[int], bool], upper: int) -> int:
+    """The largest ``b ≤ upper`` with ``fits(b)`` (bisection; ``fits`` is monotone and ``fits(1)`` holds)."""
+    lo, hi = 1, upper
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tile_bytes(min(mid, rows), min(mid, n2)) <= memory_budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return _balanced(rows, lo), _balanced(n2, lo)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _balanced(n: int, tile: int) -> int:
@@ -58,14 +61,27 @@ def _balanced(n: int, tile: int) -> int:
     return math.ceil(n / math.ceil(n / tile))
 
 
-def _split(x: jax.Array, tile: int, multiple: int = 1) -> jax.Array:
-    """``(N, …) -> (T, tile, …)`` with ``T`` a multiple of ``multiple``, padding by repeating sample 0."""
-    count = math.ceil(x.shape[0] / tile)
+def _size(tree) -> int:
+    return jax.tree_util.tree_leaves(tree)[0].shape[0]
+
+
+def _split(tree, tile: int, multiple: int = 1):
+    """Leaves ``(N, …) -> (T, tile, …)`` with ``T`` a multiple of ``multiple``, padding by repeating sample 0."""
+    count = math.ceil(_size(tree) / tile)
     count = math.ceil(count / multiple) * multiple
-    pad = count * tile - x.shape[0]
-    if pad:
-        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
-    return x.reshape((count, tile) + x.shape[1:])
+    pad = count * tile - _size(tree)
+
+    def leaf(x):
+        if pad:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
+        return x.reshape((count, tile) + x.shape[1:])
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def _unsplit(tree, n: int):
+    """``(T, tile, …) -> (N, …)``, the padding cut."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], tree)
 
 
 def _on_devices(fn: Callable, tiles: jax.Array, *replicated) -> jax.Array:
@@ -96,8 +112,8 @@ def tiled_kernel(
     reuse work.
     """
     b1, b2 = tiles
-    n1 = x1.shape[0]
-    n2 = n1 if x2 is None else x2.shape[0]
+    n1 = _size(x1)
+    n2 = n1 if x2 is None else _size(x2)
     num_devices = len(jax.local_devices())
     if num_devices == 1 and (b1, b2) == (n1, n2):
         return tile_fn(x1, x2)
@@ -113,10 +129,31 @@ def tiled_kernel(
     return kernel[:n1, :n2]
 
 
-def tiled_diagonal(diag_fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: int) -> jax.Array:
-    """Assemble ``(N, O, O)`` from ``diag_fn(x_tile) -> (b, O, O)``."""
-    n = x.shape[0]
+def tiled_per_sample(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
+    """``fn(x)`` for a per-sample ``fn`` (leaves ``(b, …)`` from ``b`` samples, e.g. kernel diagonals or features),
+    computed ``tile`` samples at a time."""
+    n = _size(x)
     if len(jax.local_devices()) == 1 and tile == n:
-        return diag_fn(x)
-    blocks = _on_devices(lambda t: jax.lax.map(diag_fn, t), _split(x, tile, len(jax.local_devices())))
-    return blocks.reshape((-1,) + blocks.shape[2:])[:n]
+        return fn(x)
+    return _unsplit(_on_devices(lambda t: jax.lax.map(fn, t), _split(x, tile, len(jax.local_devices()))), n)
+
+
+def plan_split(n1: int, n2: int, stored: int, build_bytes: TileBytesFn, contract_bytes: TileBytesFn,
+               memory_budget: int, num_devices: int) -> tuple[int, tuple[int, int]] | None:
+    """Feature tile and contraction tiles for :func:`tiled_split_kernel` within what ``memory_budget`` leaves
+    beside the stored features of all samples (``stored`` bytes), or ``None`` when one sample does not fit."""
+    left = memory_budget - stored
+    rows = math.ceil(n1 / num_devices)
+    if build_bytes(1, 0) > left or contract_bytes(1, 1) > left:
+        return None
+    feature_tile = _largest(lambda b: build_bytes(b, 0) <= left, rows)
+    return _balanced(rows, feature_tile), plan_tiles(n1, n2, contract_bytes, left, num_devices)
+
+
+def tiled_split_kernel(features_fn: Callable, contract_fn: Callable, x1: jax.Array, x2: jax.Array | None,
+                       feature_tile: int, tiles: tuple[int, int]) -> jax.Array:
+    """The kernel from per-sample features built once per sample (``features_fn`` over tiles of
+    ``feature_tile`` samples) and contracted tile by tile (``contract_fn(F₁, F₂) -> (b₁, b₂, O, O)``)."""
+    f1 = tiled_per_sample(features_fn, x1, feature_tile)
+    f2 = None if x2 is None else tiled_per_sample(features_fn, x2, feature_tile)
+    return tiled_kernel(lambda a, b: contract_fn(a, a if b is None else b), f1, f2, tiles)

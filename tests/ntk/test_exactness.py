@@ -1,10 +1,14 @@
 """Every implementation against a dense ``jax.jacrev`` kernel on every test model."""
 
+import logging
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ntkcv
+from ntkcv.ntk.tiling import tiled_split_kernel
 from tests.ntk.models import CASES, make_case, reference_kernel, relative_error
 
 IMPLEMENTATIONS = ["jacobian", "ntvp", "structured", "auto"]
@@ -74,3 +78,39 @@ def test_diagonal_mode_never_builds_the_n_by_n_kernel():
     diagonal_fn = ntkcv.ntk_fn(model.apply_fn, diagonal=True, implementation="jacobian")
     memory = jax.jit(diagonal_fn).lower(model.params, x).compile().memory_analysis()
     assert memory.temp_size_in_bytes + memory.output_size_in_bytes < 2048 * 2048 * 4 / 4
+
+
+@pytest.mark.parametrize("trace_axes", [(-1,), ()])
+def test_structured_builds_each_sample_once_when_tiled(trace_axes, dtype, caplog):
+    """A budget below one whole tile: per-sample features in tiles (not dividing N), then contracted."""
+    model, _, _ = make_case("cnn", dtype)
+    x1 = jax.random.normal(jax.random.key(1), (11, 8, 8, 2), dtype)
+    x2 = jax.random.normal(jax.random.key(2), (7, 8, 8, 2), dtype)
+    budget = _budget_for_tile(model, x1, trace_axes, "structured", 4)
+    kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="structured", memory_budget=budget)
+    with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
+        cross, same = kernel_fn(model.params, x1, x2), kernel_fn(model.params, x1)
+    assert "features in tiles of" in caplog.text
+    tolerance = TOLERANCE[np.dtype(dtype).name]
+    assert relative_error(cross, reference_kernel(model.apply_fn, model.params, x1, x2, trace_axes)) <= tolerance
+    assert relative_error(same, reference_kernel(model.apply_fn, model.params, x1, x1, trace_axes)) <= tolerance
+
+
+def test_split_tiler_builds_features_once_and_contracts_in_tiles():
+    x1, x2 = np.random.default_rng(0).normal(size=(11, 3)), np.random.default_rng(1).normal(size=(7, 3))
+    built = []
+
+    def features_fn(x):
+        built.append(x.shape[0])
+        return {"rows": x, "norms": jnp.sum(x**2, axis=1)}
+
+    def contract_fn(a, b):
+        return (a["rows"] @ b["rows"].T + a["norms"][:, None] * b["norms"][None, :])[:, :, None, None]  # (b1, b2, O, O)
+
+    expected = x1 @ x2.T + np.sum(x1**2, 1)[:, None] * np.sum(x2**2, 1)[None, :]
+    kernel = tiled_split_kernel(features_fn, contract_fn, jnp.asarray(x1), jnp.asarray(x2), 4, (3, 5))
+    np.testing.assert_allclose(kernel[:, :, 0, 0], expected, rtol=1e-5, atol=1e-5)
+    assert built == [4, 4]  # traced once per input set (lax.map), never per contraction tile
+    same = tiled_split_kernel(features_fn, contract_fn, jnp.asarray(x1), None, 5, (4, 4))
+    norms = np.sum(x1**2, 1)
+    np.testing.assert_allclose(same[:, :, 0, 0], x1 @ x1.T + np.outer(norms, norms), rtol=1e-5, atol=1e-5)

@@ -7,14 +7,16 @@ import subprocess
 import sys
 
 SCRIPT = r"""
-import json, jax, jax.numpy as jnp, numpy as np, ntkcv
+import json, logging, jax, jax.numpy as jnp, numpy as np, ntkcv
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("ntkcv.ntk").setLevel(logging.DEBUG)
 from tests.ntk.models import make_case, reference_kernel, relative_error
 assert len(jax.local_devices()) == 4, jax.local_devices()
 model, _, _ = make_case("mlp_tanh")
 x1 = jax.random.normal(jax.random.key(1), (10, 6))
 x2 = jax.random.normal(jax.random.key(2), (7, 6))
 errors = {}
-for impl in ["jacobian", "ntvp"]:
+for impl in ["jacobian", "ntvp", "structured"]:
     for trace_axes in [(-1,), ()]:
         for budget in [None, 20_000]:
             fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=impl, memory_budget=budget)
@@ -23,6 +25,14 @@ for impl in ["jacobian", "ntvp"]:
         diag = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=impl, diagonal=True)(model.params, x1)
         full = reference_kernel(model.apply_fn, model.params, x1, x1, trace_axes)
         errors[f"diag{impl}{trace_axes}"] = relative_error(diag, np.stack([full[i, i] for i in range(10)]))
+from tests.ntk.test_exactness import _budget_for_tile
+cnn, _, _ = make_case("cnn")
+c1, c2 = jax.random.normal(jax.random.key(1), (11, 8, 8, 2)), jax.random.normal(jax.random.key(2), (7, 8, 8, 2))
+for trace_axes in [(-1,), ()]:  # below one tile per device: features built once per sample, then contracted
+    budget = _budget_for_tile(cnn, c1, trace_axes, "structured", 4)
+    fn = ntkcv.ntk_fn(cnn.apply_fn, trace_axes=trace_axes, implementation="structured", memory_budget=budget)
+    errors[f"split{trace_axes}"] = relative_error(
+        fn(cnn.params, c1, c2), reference_kernel(cnn.apply_fn, cnn.params, c1, c2, trace_axes))
 print(json.dumps(errors))
 """
 
@@ -34,5 +44,6 @@ def test_kernel_sharded_over_four_devices_matches_reference():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(errors) == 12
+    assert len(errors) == 20
+    assert "structured: features in tiles of" in result.stderr  # the split path, sharded
     assert max(errors.values()) <= 1e-5, errors
