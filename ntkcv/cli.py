@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -76,7 +77,46 @@ def _parse_override(item: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """Expand the sweep's grid into runs, train those not done yet, and write the results table."""
+    import collections
+
+    from ntkcv.config import ConfigError
+    from ntkcv.sweep import expand, load_sweep, read_table, run_sweep
+
+    overrides = dict(_parse_override(item) for item in args.set)
+    try:
+        sweep = load_sweep(args.config, overrides)
+    except ConfigError as error:
+        print(f"ntkcv sweep: invalid config: {error}", file=sys.stderr)
+        return 2
+    sweep_dir = pathlib.Path(args.dir or sweep.output_dir.format(name=sweep.name)).resolve()
+    print(f"ntkcv sweep: {len(expand(sweep))} runs of {sweep.name!r} in {sweep_dir} ({args.executor})", flush=True)
+    try:
+        table = run_sweep(sweep, sweep_dir, executor=args.executor, workers=args.workers)
+    except (ImportError, ValueError) as error:  # no ray; a folder holding an edited sweep; workers < 1
+        print(f"ntkcv sweep: {error}", file=sys.stderr)
+        return 2
+    counts = collections.Counter(row["status"] for row in read_table(table))
+    print(f"results: {table}  ({', '.join(f'{count} {status}' for status, count in sorted(counts.items()))})")
+    return 1 if counts["failed"] else 0
+
+
 def _report(args: argparse.Namespace) -> int:
+    """A sweep folder (with sweep.json): its studies' figures and findings.md; a run folder: the run report."""
+    if (pathlib.Path(args.run_dir) / "sweep.json").is_file():
+        from ntkcv.studies import make_sweep_report
+
+        try:
+            path, findings = make_sweep_report(args.run_dir)
+        except ValueError as error:
+            print(f"ntkcv report: {error}", file=sys.stderr)
+            return 2
+        for study in findings:
+            for claim in study.claims:
+                print(f"{study.study}: {claim.verdict}: {claim.paper}")
+        print(f"findings: {path}")
+        return 0
     from ntkcv.report import make_report
 
     print(f"report: {make_report(args.run_dir)}")
@@ -92,7 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.steps=200 (repeatable)")
     train.set_defaults(run=_train)
-    report = commands.add_parser("report", help="figures and a markdown summary of a run directory")
+    sweep = commands.add_parser("sweep", help="train a grid of runs (resumable, in parallel) into one results table")
+    sweep.add_argument("config", help="sweep YAML (see configs/sweeps/example.yaml)")
+    sweep.add_argument("--executor", choices=["local", "ray"], default="local",
+                       help="local processes (default) or a Ray cluster (RAY_ADDRESS, else a local one)")
+    sweep.add_argument("--workers", type=int, help="parallel local runs (default: the sweep's workers)")
+    sweep.add_argument("--dir", help="the sweep's folder (default: the sweep's output_dir)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a sweep value, e.g. --set base.train.steps=50 --set grid.train.seed=[0,1]")
+    sweep.set_defaults(run=_sweep)
+    report = commands.add_parser("report", help="figures and a markdown summary of a run directory, or the "
+                                 "findings of a study's sweep directory")
     report.add_argument("run_dir")
     report.set_defaults(run=_report)
     demo = commands.add_parser("demo", help="compute the NTK of an MLP on the embedded digits data")

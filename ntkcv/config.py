@@ -26,6 +26,9 @@ class DataConfig:
     train_size: int | None = None  # subsample the training set (None: all)
     test_size: int | None = None
     probe_size: int = 256  # probe inputs for the NTK, drawn class-balanced from the training set
+    probe_set: Literal["subset", "train"] = "subset"  # "train": probe the NTK on the whole training set instead
+    subset_seed: int | None = None  # seeds only the train_size draw (None: train.seed); split and test set keep theirs
+    indices: tuple[int, ...] | None = None  # train on exactly these rows of the full training split (no train_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,7 @@ class MonitorConfig:
     matrix_free: bool | Literal["auto"] = False  # "auto": the cheaper of exact and matrix-free per probe shape
     weight_metrics: bool = True
     spectrum: bool = True
+    asynchronous: bool = True  # compute CVs in a background thread; the loop never waits (false: in the loop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,15 @@ def _check_ranges(config: RunConfig) -> None:
     for dotted in _POSITIVE:
         if not get(dotted) > 0:
             raise ConfigError(f"{dotted} must be positive, got {get(dotted)}")
+    if config.data.indices is not None:
+        if config.data.train_size is not None:
+            raise ConfigError(f"data.indices and data.train_size exclude each other (the indices fix the training "
+                              f"set); got train_size={config.data.train_size}")
+        if not config.data.indices:
+            raise ConfigError("data.indices must hold at least one row index, got []")
+        for i, index in enumerate(config.data.indices):
+            if index < 0:
+                raise ConfigError(f"data.indices[{i}] must be a row index >= 0, got {index}")
     for i, name in enumerate(config.monitor.cvs):
         if name not in AVAILABLE:
             raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, AVAILABLE))}; got {name!r}")

@@ -27,7 +27,7 @@ import dataclasses
 import gzip
 import pathlib
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -59,6 +59,8 @@ def load_dataset(
     train_size: int | None = None,
     test_size: int | None = None,
     seed: int = 0,
+    subset_seed: int | None = None,
+    indices: Sequence[int] | None = None,
     **options: Any,
 ) -> Dataset:
     """Load the data set ``name`` (one of :data:`DATASETS`).
@@ -70,6 +72,11 @@ def load_dataset(
         (``None``: all). For ``synthetic`` it is the number of samples drawn (default 1024).
       test_size: the same for the test set (``synthetic`` default 256).
       seed: seeds the digits split, the subsampling and the synthetic data.
+      subset_seed: seeds the ``train_size`` draw alone (``None``: ``seed``), so that the training subset
+        varies while the split, the test subsample and everything else seeded by ``seed`` stay fixed;
+        ``subset_seed=seed`` gives the same data as ``None``. No effect without ``train_size``.
+      indices: train on exactly these rows of the full training split, in this order (for a training set
+        chosen by a selection rule such as :func:`ntkcv.selection.rnd_select`); excludes ``train_size``.
       **options: per-data-set options; only ``synthetic`` has any: ``dim`` (input dimension, default 8)
         and ``noise`` (standard deviation of the additive Gaussian noise, default 0.1).
 
@@ -77,8 +84,9 @@ def load_dataset(
       The :class:`Dataset`.
 
     Raises:
-      ValueError: unknown name or option, a path given (or missing) where it must not be (must be), or a
-        subsample size out of range.
+      ValueError: unknown name or option, a path given (or missing) where it must not be (must be), a
+        subsample size out of range, ``indices`` out of range, repeated or given with ``train_size``, or
+        ``subset_seed`` for ``synthetic`` (whose samples are all drawn from ``seed``).
       FileNotFoundError: standard files missing from ``path`` (the message names them).
     """
     if name not in _LOADERS:
@@ -95,14 +103,25 @@ def load_dataset(
     for label, size in (("train_size", train_size), ("test_size", test_size)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):
             raise ValueError(f"{label} must be a positive integer or None, got {size!r}")
+    if indices is not None and train_size is not None:
+        raise ValueError(f"indices and train_size exclude each other (the indices fix the training set); "
+                         f"got train_size={train_size}")
+    if name == "synthetic" and subset_seed is not None:
+        raise ValueError(f"data set 'synthetic' draws every sample from seed; subset_seed must be None, "
+                         f"got {subset_seed!r}")
 
     if name == "synthetic":
-        return loader(train_size or 1024, test_size or 256, seed=seed, **options)
+        data = loader(train_size or 1024, test_size or 256, seed=seed, **options)
+        return data if indices is None else _select_rows(data, indices)
     data = loader(pathlib.Path(path) if path is not None else None, seed)
     rng = np.random.default_rng([seed, 1])
-    x_train, y_train = _subsample(data.x_train, data.y_train, train_size, rng, "train_size")
+    x_train, y_train = _subsample(data.x_train, data.y_train, train_size, rng, "train_size")  # advances rng
+    if subset_seed is not None:
+        subset_rng = np.random.default_rng([subset_seed, 1])
+        x_train, y_train = _subsample(data.x_train, data.y_train, train_size, subset_rng, "train_size")
     x_test, y_test = _subsample(data.x_test, data.y_test, test_size, rng, "test_size")
-    return dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    data = dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return data if indices is None else _select_rows(data, indices)
 
 
 def probe_subset(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +155,21 @@ def probe_subset(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np
 
 
 # --- subsampling --------------------------------------------------------------------------------------------
+
+
+def _select_rows(data: Dataset, indices: Sequence[int]) -> Dataset:
+    """The training rows ``indices`` (distinct, in ``[0, N)``) of ``data``, in that order; the test set as is."""
+    rows = np.asarray(indices)
+    n = len(data.x_train)
+    if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"indices must be a non-empty sequence of integers, got {indices!r}")
+    bad = rows[(rows < 0) | (rows >= n)]
+    if bad.size:
+        raise ValueError(f"indices must be rows of the training split, in [0, {n}); got {int(bad[0])}")
+    if np.unique(rows).size != rows.size:
+        values, counts = np.unique(rows, return_counts=True)
+        raise ValueError(f"indices must be distinct; row {int(values[counts > 1][0])} is repeated")
+    return dataclasses.replace(data, x_train=data.x_train[rows], y_train=data.y_train[rows])
 
 
 def _subsample(

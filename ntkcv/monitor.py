@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -76,11 +78,17 @@ class NTKMonitor:
       weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``).
       trace_axes, implementation: passed to :func:`ntkcv.ntk_fn`.
       sinks: objects with ``write_scalars``, ``write_arrays``, ``flush`` and ``close``.
+      asynchronous: compute the CVs in a background thread, so the training loop never waits for a
+        compilation or a kernel: a firing hands over (a device copy of) the parameters and returns at
+        once; results reach the sinks, with their own step, at a later call, at :meth:`flush` or at
+        :meth:`close`. At most ``max_pending`` firings wait; one more blocks until the oldest is done.
 
     Calling ``monitor(step, params, batch=None, **scalars)`` writes ``scalars`` under ``train/…`` on
-    every call and, when the schedule fires, the CVs under ``cv/…``; it returns what it computed as
-    host floats. The computation is jitted once per probe shape; results are fetched with one
-    ``jax.device_get`` per firing. Non-finite CVs are logged as NaN with a warning; they never raise.
+    every call and, when the schedule fires, the CVs under ``cv/…``; it returns what it wrote in this
+    call as host floats (the CVs of this step unless ``asynchronous``; then those finished since the
+    last call, see :attr:`latest` for the newest value of every name). The computation is jitted once
+    per probe shape; results are fetched with one ``jax.device_get`` per firing. Non-finite CVs are
+    logged as NaN with a warning; they never raise.
     """
 
     def __init__(
@@ -100,6 +108,8 @@ class NTKMonitor:
         trace_axes: Sequence[int] = (-1,),
         implementation: str = "auto",
         sinks: Sequence[Any] = (),
+        asynchronous: bool = False,
+        max_pending: int = 2,
     ):
         self.apply_fn = model.apply_fn if isinstance(model, Model) else model
         if not callable(self.apply_fn):
@@ -122,6 +132,12 @@ class NTKMonitor:
             raise ValueError(f"matrix_free supports the cvs 'entropy' and 'trace', got {list(self.cvs)}")
         self.matrix_free, self.log_spectrum, self.weight_metrics = matrix_free, log_spectrum, weight_metrics
         self.sinks = list(sinks)
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        self.asynchronous, self.max_pending = asynchronous, max_pending
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, "ntkcv-monitor") if asynchronous else None
+        self._pending: collections.deque = collections.deque()  # futures of (step, values, arrays), in order
+        self.latest: dict[str, float] = {}  # the newest value written under each name
         self.trace_count = 0  # how often the CV computation was traced (compiled)
         self._checked_shapes: set = set()
         kernel_fn = ntk_fn(self.apply_fn, trace_axes=trace_axes, implementation=implementation)
@@ -162,28 +178,53 @@ class NTKMonitor:
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""
         step = int(step)
+        written = self._drain(wait=False)
         values = {f"train/{name}": value for name, value in scalars.items()}
         arrays = {}
         if self.cvs and self.schedule(step):
             x = self._probe_inputs(params, batch)
-            cvs, eigenvalues = self._compute(params, x, self.labels)
-            values.update({f"cv/{name}": value for name, value in cvs.items()})
-            if eigenvalues is not None:
-                arrays["cv/spectrum"] = eigenvalues
-            if self.weight_metrics:
-                values.update({f"weights/{k}": v for k, v in weight_spectra(jax.device_get(params)).summary.items()})
-        values, arrays = jax.device_get((values, arrays))
+            if self._worker is None:
+                cvs, arrays = self._measure(params, x)
+                values.update(cvs)
+            else:
+                if len(self._pending) >= self.max_pending:
+                    self._pending[0].result()
+                    written.update(self._drain(wait=False))
+                params = jax.tree_util.tree_map(jnp.copy, params)  # survives a train step that donates params
+                self._pending.append(self._worker.submit(lambda: (step, *self._measure(params, x))))
+        written.update(self._write(step, jax.device_get(values), arrays))
+        return written
+
+    def _measure(self, params: Any, x: jax.Array) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The CVs (and spectrum, weight metrics) of ``params`` on ``x``, fetched to the host."""
+        cvs, eigenvalues = self._compute(params, x, self.labels)
+        values = {f"cv/{name}": value for name, value in cvs.items()}
+        arrays = {} if eigenvalues is None else {"cv/spectrum": eigenvalues}
+        if self.weight_metrics:
+            values.update({f"weights/{k}": v for k, v in weight_spectra(jax.device_get(params)).summary.items()})
+        return jax.device_get((values, arrays))
+
+    def _drain(self, *, wait: bool) -> dict[str, float]:
+        """Write the results of finished firings (all of them with ``wait``), oldest first."""
+        written = {}
+        while self._pending and (wait or self._pending[0].done()):
+            step, values, arrays = self._pending.popleft().result()
+            written.update(self._write(step, values, arrays))
+        return written
+
+    def _write(self, step: int, values: dict[str, Any], arrays: dict[str, Any]) -> dict[str, float]:
         values = {name: float(np.asarray(value)) for name, value in values.items()}
         bad = sorted(name for name, value in values.items() if name.startswith("cv/") and not np.isfinite(value))
         if bad:
             warnings.warn(f"step {step}: non-finite collective variables {bad} logged as NaN", RuntimeWarning,
-                          stacklevel=2)
+                          stacklevel=3)
             values.update({name: float("nan") for name in bad})
         for sink in self.sinks:
             if values:
                 sink.write_scalars(step, values)
             if arrays:
                 sink.write_arrays(step, {name: np.asarray(a) for name, a in arrays.items()})
+        self.latest.update(values)
         return values
 
     def as_optax_transform(self):
@@ -238,12 +279,20 @@ class NTKMonitor:
         return x
 
     def flush(self) -> None:
+        """Wait for pending firings, write them, and flush every sink."""
+        self._drain(wait=True)
         for sink in self.sinks:
             sink.flush()
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        """Write pending firings and close the sinks (also after an error in a firing)."""
+        try:
+            self._drain(wait=True)
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown()
+            for sink in self.sinks:
+                sink.close()
 
     def __enter__(self) -> NTKMonitor:
         return self

@@ -90,7 +90,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
     except OSError as error:
         raise ValueError(f"output.dir {str(run_dir)!r} is not a writable directory: {error}") from error
     data = load_dataset(config.data.name, path=config.data.path, train_size=config.data.train_size,
-                        test_size=config.data.test_size, seed=config.train.seed)
+                        test_size=config.data.test_size, seed=config.train.seed,
+                        subset_seed=config.data.subset_seed, indices=config.data.indices)
     num_outputs = data.num_classes if data.task == "classification" else data.y_train.shape[-1]
     if data.task == "regression" and config.train.loss != "mse":
         raise ValueError(f"data set {config.data.name!r} is a regression task: set train.loss to 'mse'")
@@ -138,7 +139,10 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
     if config.output.progress:
         sinks.append(ConsoleSink(config.train.steps, console=console))
 
-    x_probe, y_probe = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
+    if config.data.probe_set == "train":  # the NTK on the training data itself (the CV studies' kernel)
+        x_probe, y_probe = data.x_train, data.y_train
+    else:
+        x_probe, y_probe = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
     labels = y_probe if data.task == "classification" else None
     cvs = tuple(name for name in config.monitor.cvs if labels is not None or "alignment" not in name)
     cvs = cvs if config.monitor.enabled else ()
@@ -149,11 +153,10 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
                           log_spaced=log_spaced),
         matrix_free=config.monitor.matrix_free, log_spectrum=config.monitor.spectrum,
         weight_metrics=config.monitor.weight_metrics and config.monitor.enabled, trace_axes=config.monitor.trace_axes,
-        implementation=config.monitor.implementation, sinks=sinks)
+        implementation=config.monitor.implementation, sinks=sinks, asynchronous=config.monitor.asynchronous)
 
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     started = time.perf_counter()
-    last_cvs: dict[str, float] = {}
     test_metrics: dict[str, float] = {}
     try:
         for step in range(start, config.train.steps):
@@ -163,15 +166,15 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
             if (step + 1) % config.train.eval_every == 0 or step == config.train.steps - 1:
                 test_metrics = jax.device_get(evaluate(new_params, jnp.asarray(data.x_test), jnp.asarray(data.y_test)))
                 scalars.update({f"test_{name}": value for name, value in test_metrics.items()})
-            values = monitor(step, params, **scalars)
-            last_cvs.update({k: v for k, v in values.items() if k.startswith("cv/")})
+            monitor(step, params, **scalars)
             params = new_params
             if checkpoints.should_save(step):  # logs up to a checkpoint must survive a crash after it
                 monitor.flush()
             checkpoints.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
         checkpoints.wait_until_finished()
+        monitor.flush()
         final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
-        final |= {f"final/{k}": v for k, v in last_cvs.items()}
+        final |= {f"final/{k}": v for k, v in monitor.latest.items() if k.startswith("cv/")}
         for sink in sinks:
             sink.write_hparams(_flat(to_dict(config)), final)
     finally:

@@ -47,3 +47,23 @@ def test_union_values_accept_each_alternative_and_name_both_on_error():
     assert load_config(None, {"monitor.matrix_free": True}).monitor.matrix_free is True
     with pytest.raises(ConfigError, match=r"monitor\.matrix_free must be true or false, got 'x' or must be one of"):
         load_config(None, {"monitor.matrix_free": "x"})
+
+
+def test_data_selection_keys_parse_and_default_to_todays_behaviour():
+    default = load_config().data
+    assert (default.probe_set, default.subset_seed, default.indices) == ("subset", None, None)
+    data = load_config(None, {"data.probe_set": "train", "data.subset_seed": 7, "data.indices": [3, 1, 2]}).data
+    assert (data.probe_set, data.subset_seed, data.indices) == ("train", 7, (3, 1, 2))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.indices": [1, 2], "data.train_size": 2}, "data.indices and data.train_size exclude each other"),
+    ({"data.indices": []}, r"data.indices must hold at least one row index, got \[\]"),
+    ({"data.indices": [0, -1]}, r"data.indices\[1\] must be a row index >= 0, got -1"),
+    ({"data.indices": [0, 1.5]}, r"data.indices\[1\] must be an integer, got 1.5"),
+    ({"data.probe_set": "test"}, "data.probe_set must be one of 'subset', 'train'; got 'test'"),
+    ({"data.subset_seed": "a"}, "data.subset_seed must be an integer, got 'a'"),
+])
+def test_data_selection_keys_reject_bad_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

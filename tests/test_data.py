@@ -271,3 +271,48 @@ def test_probe_subset_regression_and_errors():
         probe_subset(x, y, 21, seed=0)
     with pytest.raises(ValueError, match="same length"):
         probe_subset(x, y[:5], 3, seed=0)
+
+
+# --- subset seed and explicit indices ---------------------------------------------------------------------
+
+
+def test_subset_seed_varies_only_the_training_subset():
+    default = load_dataset("digits", train_size=50, test_size=40, seed=0)
+    same = load_dataset("digits", train_size=50, test_size=40, seed=0, subset_seed=0)
+    other = load_dataset("digits", train_size=50, test_size=40, seed=0, subset_seed=1)
+    np.testing.assert_array_equal(same.x_train, default.x_train)  # subset_seed=seed is today's draw
+    assert not np.array_equal(other.x_train, default.x_train)
+    np.testing.assert_array_equal(other.x_test, default.x_test)  # split and test subsample keep seed's
+    np.testing.assert_array_equal(np.bincount(other.y_train), np.bincount(default.y_train))  # still stratified
+    full = load_dataset("digits", seed=0)
+    rows = {x.tobytes() for x in full.x_train}
+    assert all(x.tobytes() in rows for x in other.x_train)  # drawn from the same training split
+    again = load_dataset("digits", train_size=50, test_size=40, seed=0, subset_seed=1)
+    np.testing.assert_array_equal(again.x_train, other.x_train)
+
+
+def test_indices_select_exactly_those_rows_in_order():
+    full = load_dataset("digits", seed=3)
+    data = load_dataset("digits", seed=3, indices=[10, 2, 500])
+    np.testing.assert_array_equal(data.x_train, full.x_train[[10, 2, 500]])
+    np.testing.assert_array_equal(data.y_train, full.y_train[[10, 2, 500]])
+    np.testing.assert_array_equal(data.x_test, full.x_test)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"indices": [0, 1437]}, r"indices must be rows of the training split, in \[0, 1437\); got 1437"),
+    ({"indices": [-1]}, r"in \[0, 1437\); got -1"),
+    ({"indices": [3, 4, 3]}, "indices must be distinct; row 3 is repeated"),
+    ({"indices": []}, "indices must be a non-empty sequence of integers"),
+    ({"indices": [1, 2], "train_size": 2}, "indices and train_size exclude each other"),
+])
+def test_indices_errors_name_the_constraint(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset("digits", **kwargs)
+
+
+def test_synthetic_rejects_subset_seed_and_takes_indices_of_its_draw():
+    with pytest.raises(ValueError, match="subset_seed must be None"):
+        load_dataset("synthetic", subset_seed=1)
+    full = load_dataset("synthetic", seed=0)
+    np.testing.assert_array_equal(load_dataset("synthetic", seed=0, indices=[4, 1]).y_train, full.y_train[[4, 1]])

@@ -80,7 +80,7 @@ def weight_spectra(params: Any, *, min_eigenvalues: int = 10) -> WeightSpectra:
     with α from :func:`fit_power_law`, ``R`` the number of non-zero eigenvalues (``H`` is NaN for
     ``R = 1``), and WeightWatcher's conventions: the "spectral norm" and "Frobenius norm" are those
     of the eigenvalues, i.e. squared norms of :math:`W / \sqrt N`. Layers with fewer than
-    ``min_eigenvalues`` non-zero eigenvalues (WeightWatcher's default: 10) are skipped.
+    ``min_eigenvalues`` non-zero eigenvalues (WeightWatcher's default: 10) or non-finite weights are skipped.
 
     Reference: Martin & Mahoney, "Traditional and heavy-tailed self regularization in neural network
     models", arXiv 1901.08278; Martin, Peng & Mahoney, Nat. Commun. 12 (2021) (α̂ and the norms).
@@ -90,6 +90,9 @@ def weight_spectra(params: Any, *, min_eigenvalues: int = 10) -> WeightSpectra:
         if _key_name(path[-1]) != "kernel" or np.ndim(leaf) < 2:
             continue
         name = "/".join(_key_name(key) for key in path)
+        if not np.all(np.isfinite(leaf)):
+            skipped[name] = "non-finite weights (NaN or inf)"
+            continue
         eigenvalues = layer_eigenvalues(leaf)
         nonzero = eigenvalues[eigenvalues > eigenvalues[0] * eigenvalues.size * np.finfo(np.float64).eps]
         if nonzero.size < min_eigenvalues:

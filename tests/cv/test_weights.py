@@ -74,3 +74,13 @@ def test_weight_spectra_of_a_params_tree():
 def test_fit_power_law_rejects_non_positive_values():
     with pytest.raises(ValueError, match="positive"):
         cv.fit_power_law(np.array([0.0, 1.0, 2.0]))
+
+
+def test_non_finite_layers_are_skipped_with_the_reason():
+    rng = np.random.default_rng(0)
+    diverged = rng.normal(size=(60, 40))
+    diverged[3, 5] = np.nan
+    result = cv.weight_spectra({"a": {"kernel": diverged}, "b": {"kernel": rng.normal(size=(60, 40))}})
+    assert set(result.layers) == {"b/kernel"}
+    assert "non-finite" in result.skipped["a/kernel"]
+    assert result.summary["alpha"] == pytest.approx(result.layers["b/kernel"].power_law.alpha)

@@ -157,3 +157,60 @@ def test_auto_picks_exact_for_small_kernels_and_matrix_free_for_large_ones():
     assert not prefer_matrix_free(apply_fn, params, x, trace_axes=(), num_probes=30, num_matvecs=30)
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         ntkcv.NTKMonitor(apply_fn, x, matrix_free="sometimes")
+
+
+def test_asynchronous_monitor_writes_the_same_values_with_their_own_steps():
+    apply_fn, params, x = _model()
+    runs = {}
+    for asynchronous in (False, True):
+        sink = RecordingSink()
+        monitor = ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_steps=3), cvs=("entropy", "trace"),
+                                   sinks=[sink], asynchronous=asynchronous)
+        p = params
+        for step in range(10):
+            p = jax.tree_util.tree_map(lambda a: a * 1.02, p)
+            returned = monitor(step, p, loss=float(step))
+            assert returned["train/loss"] == step
+        monitor.close()
+        assert monitor.latest["cv/entropy"] == sink.scalars["cv/entropy"][-1][1]
+        runs[asynchronous] = sink
+    sync, background = runs[False], runs[True]
+    assert [s for s, _ in background.scalars["train/loss"]] == list(range(10))
+    for name in ("cv/entropy", "cv/trace"):
+        assert [s for s, _ in background.scalars[name]] == [0, 3, 6, 9]
+        np.testing.assert_allclose([v for _, v in background.scalars[name]], [v for _, v in sync.scalars[name]],
+                                   rtol=1e-6)
+    assert [s for s, _ in background.arrays["cv/spectrum"]] == [0, 3, 6, 9]
+
+
+def test_asynchronous_monitor_does_not_wait_and_bounds_pending_firings(monkeypatch):
+    import threading
+
+    apply_fn, params, x = _model()
+    sink = RecordingSink()
+    monitor = ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_steps=1), cvs=("trace",), sinks=[sink],
+                               asynchronous=True, max_pending=2)
+    release = threading.Event()
+    measure = monitor._measure
+    monkeypatch.setattr(monitor, "_measure", lambda p, x: (release.wait(), measure(p, x))[1])
+    monitor(0, params)
+    monitor(1, params)  # two firings pending, neither finished: the loop goes on
+    assert "cv/trace" not in sink.scalars and len(monitor._pending) == 2
+    threading.Timer(0.2, release.set).start()
+    monitor(2, params)  # a third waits for the oldest
+    monitor.flush()
+    assert [s for s, _ in sink.scalars["cv/trace"]] == [0, 1, 2]
+    assert sink.flushed == 1
+    monitor.close()
+
+
+def test_asynchronous_monitor_keeps_params_that_a_train_step_donates():
+    apply_fn, params, x = _model()
+    sink = RecordingSink()
+    expected = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",))(0, params)["cv/trace"]
+    monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",), sinks=[sink], asynchronous=True)
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda a: a * 0.0, p), donate_argnums=0)
+    monitor(0, params)
+    step(params)  # deletes params' buffers where the backend supports donation
+    monitor.close()
+    assert sink.scalars["cv/trace"][0][1] == pytest.approx(expected, rel=1e-6)
