@@ -6,6 +6,7 @@ import argparse
 import pathlib
 import sys
 import time
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,14 +46,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Train as the config says (the embedded-digits MLP by default) with the NTK monitor."""
-    from ntkcv.config import ConfigError, load_config
+    from ntkcv.config import load_config
     from ntkcv.train import resolve_run_dir, train
 
-    overrides = dict(_parse_override(item) for item in args.set)
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as error:
-        print(f"ntkcv train: invalid config: {error}", file=sys.stderr)
+    config = _load(load_config, args)
+    if config is None:
         return 2
     try:
         run_dir = resolve_run_dir(config.output.dir, resume=args.resume)
@@ -68,27 +66,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_override(item: str) -> tuple[str, object]:
+def _load(load: Any, args: argparse.Namespace) -> Any:
+    """``load(args.config, overrides from --set)``; ``None`` after printing why the config is invalid."""
     import yaml
 
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise SystemExit(f"ntkcv train: --set expects KEY=VALUE (e.g. train.steps=200), got {item!r}")
-    return key, yaml.safe_load(value)
+    from ntkcv.config import ConfigError
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"ntkcv {args.command}: --set expects KEY=VALUE (e.g. train.steps=200), got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        return load(args.config, overrides)
+    except ConfigError as error:
+        print(f"ntkcv {args.command}: invalid config: {error}", file=sys.stderr)
+        return None
 
 
 def _sweep(args: argparse.Namespace) -> int:
     """Expand the sweep's grid into runs, train those not done yet, and write the results table."""
     import collections
 
-    from ntkcv.config import ConfigError
     from ntkcv.sweep import expand, load_sweep, read_table, run_sweep
 
-    overrides = dict(_parse_override(item) for item in args.set)
-    try:
-        sweep = load_sweep(args.config, overrides)
-    except ConfigError as error:
-        print(f"ntkcv sweep: invalid config: {error}", file=sys.stderr)
+    sweep = _load(load_sweep, args)
+    if sweep is None:
         return 2
     sweep_dir = pathlib.Path(args.dir or sweep.output_dir.format(name=sweep.name)).resolve()
     print(f"ntkcv sweep: {len(expand(sweep))} runs of {sweep.name!r} in {sweep_dir} ({args.executor})", flush=True)

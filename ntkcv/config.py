@@ -208,3 +208,14 @@ def _value(hint: Any, value: Any, where: str) -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for the run's metadata and hparams)."""
     return dataclasses.asdict(config)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys: ``{"train": {"steps": 5}} -> {"train.steps": 5}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import ntkcv
-from ntkcv.config import OptimizerConfig, RunConfig, to_dict
+from ntkcv.config import OptimizerConfig, RunConfig, flatten, to_dict
 from ntkcv.data import load_dataset, probe_subset
 from ntkcv.monitor import NTKMonitor
 from ntkcv.schedule import Schedule
@@ -176,7 +176,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
         final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
         final |= {f"final/{k}": v for k, v in monitor.latest.items() if k.startswith("cv/")}
         for sink in sinks:
-            sink.write_hparams(_flat(to_dict(config)), final)
+            sink.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                                for key, value in flatten(to_dict(config)).items()}, final)
     finally:
         monitor.close()
         checkpoints.close()
@@ -191,13 +192,3 @@ def _model_options(config: RunConfig) -> dict[str, Any]:
     if m.kind == "cnn":
         return {"channels": m.channels, "widths": m.widths, "activation": m.activation}
     return {"dim": m.dim, "depth": m.depth, "heads": m.heads}
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat

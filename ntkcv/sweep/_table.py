@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ntkcv.config import flatten
+
 _HEAD = ("run_id", "status", "error")
 _INTEGER = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)
@@ -104,14 +106,10 @@ def write_json(path: pathlib.Path, value: Any) -> None:
     os.replace(temporary, path)
 
 
-def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else value
-    return flat
+def flat_config(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys, lists and tuples as JSON strings (one table cell each)."""
+    return {key: json.dumps(value) if isinstance(value, (list, tuple)) else value
+            for key, value in flatten(dict(tree)).items()}
 
 
 def _cell(value: Any) -> str:

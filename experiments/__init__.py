@@ -1,0 +1,24 @@
+"""Batch experiments that rerun the collective-variable studies, one script per study.
+
+- ``python -m experiments.time_evolution``: the NTK entropy over training across widths, depths, training-set
+  sizes, losses and optimisers (fell / stayed / rose / diverged per cell);
+- ``python -m experiments.data_quality``: the initial NTK's entropy and trace vs the final test accuracy over
+  random training subsets;
+- ``python -m experiments.rnd_selection``: RND-selected vs random training sets;
+- ``python -m experiments.weight_spectra``: weight-spectrum α and α̂ vs the test accuracy (reuses the
+  time-evolution runs).
+
+Each script loads its sweep from ``configs/experiments/<study>.yaml`` (the full mode, ≤ 30 min on two CPU
+cores on the embedded digits), runs it (resumably: rerun the same command after a crash), writes
+``figures/*.png`` and ``findings.md`` into the sweep's folder and prints the findings; ``ntkcv report
+SWEEP_DIR`` rewrites them from the table. Options: ``--quick`` (the small version the tests run: a documented
+set of overrides, ``QUICK`` in each script), ``--executor local|ray``, ``--workers N``, ``--dir DIR`` (default
+``runs/experiments/<study>[-quick]``) and ``--set KEY=VALUE`` (sweep overrides as in ``ntkcv sweep``). A
+larger data set from local files, e.g. MNIST::
+
+    python -m experiments.data_quality --set base.data.name=mnist --set base.data.path=/data/mnist \\
+        --set base.data.test_size=2000
+
+(for ``time_evolution`` also replace ``n = all``, whose NTK on 60,000 points is out of reach:
+``--set 'grid.data.train_size=[30, 100, 300, 1000]'``).
+"""

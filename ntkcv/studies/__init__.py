@@ -1,0 +1,21 @@
+"""The collective-variable studies: analyses of a sweep's results table that check a paper's claims.
+
+One module per study, each with ``analyse(rows) -> Findings`` (numbers with bootstrap confidence intervals
+and a verdict per claim) and ``figures(rows, out_dir, *, sweep_dir=None) -> list[Path]``:
+
+==================  =============================================================================
+``time_evolution``  does the NTK entropy fall, stay or rise over training (Tovey et al. 2024)?
+``data_quality``    do the initial NTK's entropy and trace predict the test accuracy (Tovey et al. 2023)?
+``rnd_selection``   do RND-selected training sets beat random ones (Tovey et al. 2023)?
+``weight_spectra``  do weight-spectrum exponents track the test accuracy (Martin & Mahoney 2019)?
+==================  =============================================================================
+
+:func:`make_sweep_report` runs the studies a sweep was made for; ``experiments/`` holds the sweeps.
+"""
+
+from ntkcv.studies._findings import Claim, Findings, Table
+from ntkcv.studies._stats import Estimate, mean_ci, spearman_ci
+from ntkcv.studies.report import STUDIES, make_sweep_report, study
+
+__all__ = ["STUDIES", "Claim", "Estimate", "Findings", "Table", "make_sweep_report", "mean_ci", "spearman_ci",
+           "study"]

@@ -1,0 +1,46 @@
+"""Matplotlib on the Agg backend (files only, no display), and the scatter panel the correlation studies share."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from ntkcv.studies._stats import Estimate
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` with the Agg backend selected."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def subplots(rows: int, columns: int, *, panel: tuple[float, float], **options: Any) -> tuple[Any, np.ndarray]:
+    """A figure of ``rows × columns`` panels of size ``panel`` (inches), laid out by matplotlib's constrained
+    layout; the axes as a 2-D array."""
+    return pyplot().subplots(rows, columns, figsize=(panel[0] * columns, panel[1] * rows), squeeze=False,
+                             layout="constrained", **options)
+
+
+def save(figure: Any, path: pathlib.Path) -> pathlib.Path:
+    """Write ``figure`` as a PNG at ``path`` (creating its folder) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def scatter(ax: Any, x: np.ndarray, y: np.ndarray, rho: Estimate, *, xlabel: str, ylabel: str, title: str,
+            label: str | None = None, logx: bool = False) -> None:
+    """``y`` against ``x`` with Spearman's ρ and its interval in the legend (or the title)."""
+    ax.scatter(x, y, s=14, alpha=0.75, label=f"{label}: ρ = {rho}" if label else None)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title if label else f"{title}\nρ = {rho}")
+    if logx:
+        ax.set_xscale("log")
+    if label:
+        ax.legend(fontsize=7)
