@@ -81,7 +81,8 @@ class NTKMonitor:
       asynchronous: compute the CVs in a background thread, so the training loop never waits for a
         compilation or a kernel: a firing hands over (a device copy of) the parameters and returns at
         once; results reach the sinks, with their own step, at a later call, at :meth:`flush` or at
-        :meth:`close`. At most ``max_pending`` firings wait; one more blocks until the oldest is done.
+        :meth:`close`. At most ``max_pending`` firings wait; one more blocks until the oldest is done. With
+        an :class:`ntkcv.Model` and fixed probes, the computation compiles in the background from the start.
 
     Calling ``monitor(step, params, batch=None, **scalars)`` writes ``scalars`` under ``train/…`` on
     every call and, when the schedule fires, the CVs under ``cv/…``; it returns what it wrote in this
@@ -174,6 +175,9 @@ class NTKMonitor:
             return (estimated if use_estimators else exact)(params, x, labels)
 
         self._compute = jax.jit(compute)
+        if self._worker is not None and self.cvs and isinstance(model, Model) and not isinstance(self.probes, str):
+            x = self._probe_inputs(model.params, None)  # compiled in the background before the first firing
+            self._worker.submit(lambda: jax.block_until_ready(self._compute(model.params, x, self.labels)))
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""

@@ -214,3 +214,16 @@ def test_asynchronous_monitor_keeps_params_that_a_train_step_donates():
     step(params)  # deletes params' buffers where the backend supports donation
     monitor.close()
     assert sink.scalars["cv/trace"][0][1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_asynchronous_monitor_compiles_from_construction_and_checks_probes_there():
+    apply_fn, params, x = _model()
+    model = ntkcv.from_function(apply_fn, params)
+    monitor = ntkcv.NTKMonitor(model, x, cvs=("trace",), asynchronous=True)
+    monitor._worker.submit(lambda: None).result()  # the warm-up ran first
+    assert monitor.trace_count == 1
+    monitor(0, params)
+    monitor.close()
+    assert monitor.trace_count == 1 and "cv/trace" in monitor.latest
+    with pytest.raises(ValueError, match="do not fit the model"):
+        ntkcv.NTKMonitor(model, x[:, :3], cvs=("trace",), asynchronous=True)
