@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import pathlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -18,8 +16,6 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "experiments
 QUICK_TRAINING = {"base.train.steps": 100, "base.train.eval_every": 100, "base.monitor.every_steps": 10,
                   "base.output.checkpoint_every": 100}
 """The --quick modes' training: 100 steps, the NTK every 10 (11 points), the test accuracy at the end."""
-_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 
 
 def main(argv: Sequence[str] | None, study: str, description: str | None, quick: Mapping[str, Any]) -> int:
@@ -64,10 +60,8 @@ def load(config: str, args: argparse.Namespace, quick: Mapping[str, Any], fixed:
 
 def run_and_report(sweep: SweepConfig, sweep_dir: pathlib.Path, args: argparse.Namespace,
                    before_report: Any = None) -> tuple[pathlib.Path, list[Findings]]:
-    """Run ``sweep`` in ``sweep_dir`` (each worker process single-threaded, so that parallel runs do not fight
-    over the cores), call ``before_report(sweep_dir)`` if given, write the report and print it."""
-    with _single_threaded_workers():
-        run_sweep(sweep, sweep_dir, executor=args.executor, workers=args.workers)
+    """Run ``sweep`` in ``sweep_dir``, call ``before_report(sweep_dir)`` if given, write the report and print it."""
+    run_sweep(sweep, sweep_dir, executor=args.executor, workers=args.workers)
     if before_report is not None:
         before_report(sweep_dir)
     return report(sweep_dir)
@@ -80,24 +74,6 @@ def report(sweep_dir: pathlib.Path) -> tuple[pathlib.Path, list[Findings]]:
     return path, findings
 
 
-@contextlib.contextmanager
-def _single_threaded_workers() -> Iterator[None]:
-    """BLAS and XLA limited to one thread in the processes started meanwhile (they inherit the environment).
-
-    Two runs on two cores that each spawn a thread pool per core slow each other down many times over
-    (a 512×512 SVD: 0.04 s alone, 0.9 s oversubscribed). The current process is not affected: its
-    libraries read these variables when they were loaded.
-    """
-    saved = {key: os.environ.get(key) for key in _ONE_THREAD}
-    os.environ.update({key: os.environ.get(key) or value for key, value in _ONE_THREAD.items()})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _override(item: str) -> tuple[str, Any]:
