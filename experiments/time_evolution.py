@@ -1,6 +1,6 @@
 """Study 1: the NTK entropy over training, across widths, depths, training-set sizes, losses and optimisers.
 
-Full mode: ``configs/experiments/time_evolution.yaml`` (240 runs, about 20 min on two CPU cores). For each
+Full mode: ``configs/experiments/time_evolution.yaml`` (288 runs, about 14 min on two CPU cores). For each
 cell (loss + optimiser, n, network) the findings give ΔS = final − initial effective entropy with a bootstrap
 95% interval over the seeds and the regime fell / stayed / rose / diverged (:mod:`ntkcv.studies.time_evolution`),
 and ``figures/time_evolution_regimes.png`` maps the regimes.
