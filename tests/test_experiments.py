@@ -93,7 +93,7 @@ def test_rnd_selection_sweep_has_one_run_per_selection():
         rnd_selection.select(load_sweep(_common.CONFIGS / "time_evolution.yaml"))
 
 
-@pytest.mark.parametrize("study, runs", [("time_evolution", 240), ("data_quality", 120), ("rnd_selection", 48)])
+@pytest.mark.parametrize("study, runs", [("time_evolution", 288), ("data_quality", 120), ("rnd_selection", 48)])
 def test_full_configs_parse_with_the_documented_size(study, runs):
     assert len(expand(load_sweep(_common.CONFIGS / f"{study}.yaml"))) == runs  # rnd: grid points, 2 runs each
 
