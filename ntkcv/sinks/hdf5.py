@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,9 +36,13 @@ class HDF5Sink(Sink):
     Arrays keep a floating dtype (others become float64) and one rank per name; a differently sized
     array widens the dataset, older rows padded with NaN. Nothing is dropped.
 
+    Buffering: scalars are kept in memory and appended, one resize per name, at :meth:`flush`, which runs
+    by itself every ``flush_secs`` and at :meth:`close` (a row per call and an HDF5 flush per step cost
+    about 0.5 ms, a sixth of a small model's training step); arrays are written at once.
+
     Concurrent reading: with ``swmr=True`` the file enters HDF5's single-writer/multiple-reader mode at
-    the first write of a step after this session's first step, and every write is flushed, so readers can
-    open it with ``h5py.File(path, "r", libver="latest", swmr=True)`` and ``refresh()`` datasets. SWMR
+    the first write of a step after this session's first step, and every flush reaches the file, so readers
+    can open it with ``h5py.File(path, "r", libver="latest", swmr=True)`` and ``refresh()`` datasets. SWMR
     forbids creating objects, so a name first seen later, or ``write_hparams`` after that point, makes
     the sink reopen the file; readers should then reopen it to see the new name.
 
@@ -49,13 +54,18 @@ class HDF5Sink(Sink):
       path: the file; created if absent.
       resume_from_step: delete rows with ``step >= resume_from_step`` on opening.
       swmr: allow readers while writing (needs HDF5 >= 1.10 files, ``libver="latest"``).
+      flush_secs: longest time buffered scalars wait before reaching the file (``0``: every call).
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_from_step: int | None = None, swmr: bool = True):
+    def __init__(self, path: str | os.PathLike, *, resume_from_step: int | None = None, swmr: bool = True,
+                 flush_secs: float = 10.0):
         if resume_from_step is not None:
             resume_from_step = check_step(resume_from_step)
         self.path = os.fspath(path)
         self.swmr = swmr
+        self.flush_secs = flush_secs
+        self._buffer: dict[str, tuple[list[int], list[float]]] = {}  # name -> (steps, values) not yet written
+        self._flushed_at = time.monotonic()
         self._first_step: int | None = None
         self._file: h5py.File | None = _open_or_recover(self.path)
         now = datetime.datetime.now(datetime.UTC).isoformat()
@@ -77,9 +87,12 @@ class HDF5Sink(Sink):
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         step = self._begin(step)
         for name, value in scalars.items():
-            group = self._group("scalars", name, lambda g: _create_scalar(g))
-            _append(group, step, value=np.float64(value))
-        self.file.flush()
+            self._check_name("scalar", name)
+            steps, values = self._buffer.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(float(value))
+        if time.monotonic() - self._flushed_at >= self.flush_secs:
+            self.flush()
 
     def write_arrays(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
         step = self._begin(step)
@@ -109,11 +122,19 @@ class HDF5Sink(Sink):
         self.file.flush()
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        """Append the buffered scalars and flush the file."""
+        if self._file is None:
+            return
+        for name, (steps, values) in self._buffer.items():
+            group = self._group("scalars", name, lambda g: _create_scalar(g))
+            _append_rows(group, step=np.asarray(steps, np.int64), value=np.asarray(values, np.float64))
+        self._buffer.clear()
+        self._file.flush()
+        self._flushed_at = time.monotonic()
 
     def close(self) -> None:
         if self._file is not None:
+            self.flush()
             self._file.close()
             self._file = None
 
@@ -126,10 +147,13 @@ class HDF5Sink(Sink):
             self.file.swmr_mode = True
         return step
 
-    def _group(self, kind: str, name: str, create) -> h5py.Group:
+    @staticmethod
+    def _check_name(kind: str, name: str) -> None:
         if not name or name.split("/")[-1] in _RESERVED:
-            raise ValueError(f"{kind[:-1]} name must be non-empty and must not end in one of {_RESERVED}, "
-                             f"got {name!r}")
+            raise ValueError(f"{kind} name must be non-empty and must not end in one of {_RESERVED}, got {name!r}")
+
+    def _group(self, kind: str, name: str, create) -> h5py.Group:
+        self._check_name(kind[:-1], name)
         path = f"{kind}/{name}"
         group = self.file.get(path)
         if not isinstance(group, h5py.Group) or "step" not in group:
@@ -164,11 +188,16 @@ def _create_array(group: h5py.Group, array: np.ndarray) -> None:
 
 
 def _append(group: h5py.Group, step: int, **values: np.ndarray) -> None:
-    rows = group["step"].shape[0]
-    for name, value in (("step", np.int64(step)), *values.items()):
+    _append_rows(group, step=np.asarray([step], np.int64), **{name: value[None] for name, value in values.items()})
+
+
+def _append_rows(group: h5py.Group, **columns: np.ndarray) -> None:
+    """Append the rows of ``columns`` (equal first axes) to the group's datasets of those names."""
+    rows, added = group["step"].shape[0], len(columns["step"])
+    for name, value in columns.items():
         dataset = group[name]
-        dataset.resize(rows + 1, axis=0)
-        dataset[rows] = value
+        dataset.resize(rows + added, axis=0)
+        dataset[rows:] = value
 
 
 def _open_or_recover(path: str) -> h5py.File:

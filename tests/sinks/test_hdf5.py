@@ -75,12 +75,14 @@ def test_readable_while_written_swmr(tmp_path):
     with HDF5Sink(path) as sink:
         sink.write_scalars(0, {"train/loss": 1.0})
         sink.write_scalars(1, {"train/loss": 0.5})
+        sink.flush()
         assert sink.file.swmr_mode
         reader = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
         try:
             assert json.loads(reader.stdout.readline()) == [[0, 1], [1.0, 0.5]]
             sink.write_scalars(2, {"train/loss": 0.25, "cv/trace": 3.0})  # a new name: reopened, reader unharmed
+            sink.flush()
             reader.stdin.write("\n")
             reader.stdin.flush()
             assert json.loads(reader.stdout.readline()) == [[0, 1, 2], [1.0, 0.5, 0.25]]
@@ -150,6 +152,8 @@ def test_file_left_by_a_killed_swmr_writer_is_recovered_and_appended(tmp_path):
         "import os, sys; from ntkcv.sinks import HDF5Sink\n"
         f"sink = HDF5Sink({str(path)!r})\n"
         "for step in range(5): sink.write_scalars(step, {'loss': float(step)})\n"
+        "sink.flush()\n"
+        "sink.write_scalars(5, {'loss': 5.0})\n"  # buffered, lost with the process
         "os.kill(os.getpid(), 9)\n"
     )
     subprocess.run([sys.executable, "-c", script], check=False)
@@ -158,3 +162,27 @@ def test_file_left_by_a_killed_swmr_writer_is_recovered_and_appended(tmp_path):
     with h5py.File(path, "r") as store:
         assert list(store["scalars/loss/step"][()]) == [0, 1, 2, 3]
         assert list(store["scalars/loss/value"][()]) == [0.0, 1.0, 2.0, 30.0]
+
+
+def test_scalars_reach_the_file_at_flush_or_after_flush_secs(tmp_path, monkeypatch):
+    import ntkcv.sinks.hdf5 as module
+
+    def rows(sink):  # what the file holds, through the writer's own handle
+        return list(sink.file["scalars/loss/step"][()]) if "scalars/loss" in sink.file else []
+
+    now = [0.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    with HDF5Sink(tmp_path / "a.h5", flush_secs=10) as sink:
+        sink.write_scalars(0, {"loss": 1.0})
+        sink.write_scalars(1, {"loss": 0.5})
+        assert rows(sink) == []  # buffered
+        now[0] = 10.0
+        sink.write_scalars(2, {"loss": 0.25})  # flush_secs passed: all three appended at once
+        assert rows(sink) == [0, 1, 2]
+        sink.write_scalars(3, {"loss": 0.1})
+    with h5py.File(tmp_path / "a.h5", "r") as f:  # close flushes
+        assert list(f["scalars/loss/step"][()]) == [0, 1, 2, 3]
+        assert list(f["scalars/loss/value"][()]) == [1.0, 0.5, 0.25, 0.1]
+    with HDF5Sink(tmp_path / "b.h5", flush_secs=0) as sink:
+        sink.write_scalars(0, {"loss": 1.0})
+        assert rows(sink) == [0]
