@@ -162,16 +162,17 @@ def ntk_fn(
 
     def tiled(f, params, x1, x2, costs, chosen, budget):
         """One tile if it fits; else, for ``structured``, each sample's features built once and contracted in
-        tiles (when all features fit in half the budget); else tiles that each build their own."""
+        tiles (when all samples' features fit in the budget beside one tile's work); else tiles that each build
+        their own."""
         n1, num_devices = x1.shape[0], len(jax.local_devices())
         n2 = n1 if x2 is None else x2.shape[0]
         module, tile_bytes = _MODULES[chosen], costs.tile_bytes[chosen]
         if chosen is Implementation.STRUCTURED and tile_bytes(-(-n1 // num_devices), n2) > budget:
-            split = structured.split_fn(f, params, x1, n1, n2, same=x2 is None)
             stored, build_bytes, contract_bytes = costs.split_bytes(n1, n2, same=x2 is None)
             samples = n1 if x2 is None else n1 + n2
             planned = plan_split(n1, n2, samples * stored, build_bytes, contract_bytes, budget, num_devices)
-            if split is not None and planned is not None:
+            split = None if planned is None else structured.split_fn(f, params, x1, n1, n2, same=x2 is None)
+            if split is not None:
                 logger.debug("structured: features in tiles of %d, contraction in %s tiles", *planned)
                 return tiled_split_kernel(*split, x1, x2, *planned)
         tiles = plan_tiles(n1, n2, tile_bytes, budget, num_devices)
