@@ -106,11 +106,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: dict[str, Any
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
-        section = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            section = section.setdefault(key, {})
-        section[leaf] = value
+        set_dotted(raw, dotted, value)
     config = parse(RunConfig, raw, "")
     _check_ranges(config)
     return config
@@ -208,6 +204,17 @@ def _value(hint: Any, value: Any, where: str) -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for the run's metadata and hparams)."""
     return dataclasses.asdict(config)
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """``raw["train"]["steps"] = value`` for ``dotted="train.steps"``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    section = raw
+    for depth, key in enumerate(parents):
+        section = section.setdefault(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{'.'.join(parents[: depth + 1])} must be a mapping, got {section!r}")
+    section[leaf] = value
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -135,7 +135,7 @@ class NTKMonitor:
         self.sinks = list(sinks)
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
-        self.asynchronous, self.max_pending = asynchronous, max_pending
+        self.max_pending = max_pending
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "ntkcv-monitor") if asynchronous else None
         self._pending: collections.deque = collections.deque()  # futures of (step, values, arrays), in order
         self.latest: dict[str, float] = {}  # the newest value written under each name

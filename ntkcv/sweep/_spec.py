@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ntkcv.config import ConfigError, RunConfig, load_config
+from ntkcv.config import ConfigError, RunConfig, flatten, load_config, set_dotted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +164,8 @@ def _run_config(base: Mapping[str, Any], overrides: Mapping[str, Any], where: st
     raw = copy.deepcopy(dict(base))
     try:
         for dotted, value in overrides.items():
-            _set(raw, dotted, value)
-        config = load_config(None, _flatten(raw))
+            set_dotted(raw, dotted, value)
+        config = load_config(None, flatten(raw))
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     if not config.output.hdf5:
@@ -209,26 +209,6 @@ def _describe(overrides: Mapping[str, Any]) -> str:
     return "{" + ", ".join(f"{key}={value!r}" for key, value in overrides.items()) + "}"
 
 
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    section = raw
-    for depth, key in enumerate(parents):
-        section = section.setdefault(key, {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"{'.'.join(parents[: depth + 1])} must be a mapping, got {section!r}")
-    section[leaf] = value
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _override(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Sets a dotted key of the sweep mapping; after ``grid.`` the rest is one grid key."""
     head, _, rest = dotted.partition(".")
@@ -236,7 +216,7 @@ def _override(raw: dict[str, Any], dotted: str, value: Any) -> None:
         raw["grid"] = {**_mapping(raw.get("grid") or {}, "grid"), rest: value}
         return
     try:
-        _set(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     except ConfigError as error:
         raise ConfigError(f"override {dotted!r}: {error}") from None
 
