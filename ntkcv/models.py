@@ -151,30 +151,41 @@ def _broadcast(value, rank):
     return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-def _describe_call(module, cls: type, method: str, args: tuple, kwargs: dict) -> LayerCall | str:
-    """A supported call of a supported layer, or the reason why it is not one."""
-    import flax.linen as nn
-    from flax import nnx
+def _layer_classes(nnx_module: bool) -> tuple[type, type, type, type]:
+    """The dense, general dense, convolution and embedding classes of ``flax.nnx`` or ``flax.linen``
+    (imported only for the framework in use: importing ``flax.nnx`` costs 0.3 s)."""
+    if nnx_module:
+        from flax import nnx
 
+        return nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed
+    import flax.linen as nn
+
+    return nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed
+
+
+def _describe_call(module, cls: type, method: str, args: tuple, kwargs: dict, *,
+                   nnx_module: bool) -> LayerCall | str:
+    """A supported call of a supported layer, or the reason why it is not one."""
+    dense, dense_general, conv, embed = _layer_classes(nnx_module)
     extra = {k: v for k, v in kwargs.items() if v is not None and k != "inputs"}
     if method != "__call__" or extra or len(args) + ("inputs" in kwargs) != 1:
         return f"method {method} called with {len(args)} positional and keyword arguments {sorted(kwargs)}"
     inputs = args[0] if args else kwargs["inputs"]
-    param_values = _param_values_nnx if isinstance(module, nnx.Module) else _param_values_linen
+    param_values = _param_values_nnx if nnx_module else _param_values_linen
     use_bias = getattr(module, "use_bias", False)
     dense_roles = ("kernel", "bias") if use_bias else ("kernel",)
     default_dot = getattr(module, "dot_general", None) in (None, jax.lax.dot_general)
     if not default_dot or getattr(module, "dot_general_cls", None) is not None:
         return "uses a custom dot_general"
-    if cls in (nn.Dense, nnx.Linear):
+    if cls is dense:
         kind, config, roles = "dense", ((inputs.ndim - 1,), 1), dense_roles
-    elif cls in (nn.DenseGeneral, nnx.LinearGeneral):
+    elif cls is dense_general:
         if getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", {}):
             return "has batch axes"
-        features = module.features if cls is nn.DenseGeneral else module.out_features
+        features = module.out_features if nnx_module else module.features
         n_features = 1 if isinstance(features, int) else len(features)
         kind, config, roles = "dense", (_axes(module.axis, inputs.ndim), n_features), dense_roles
-    elif cls in (nn.Conv, nnx.Conv):
+    elif cls is conv:
         if module.feature_group_count != 1 or module.mask is not None:
             return "is grouped or masked"
         if getattr(module, "conv_general_dilated_cls", None) is not None or getattr(
@@ -190,7 +201,7 @@ def _describe_call(module, cls: type, method: str, args: tuple, kwargs: dict) ->
             _broadcast(module.kernel_dilation, rank),
         )
         kind, roles = "conv", dense_roles
-    elif cls in (nn.Embed, nnx.Embed):
+    elif cls is embed:
         kind, config, roles = "embed", (), ("embedding",)
     else:
         return f"{cls.__name__} has no structured rule"
@@ -204,19 +215,14 @@ def _describe_call(module, cls: type, method: str, args: tuple, kwargs: dict) ->
 _RECORDER: contextvars.ContextVar = contextvars.ContextVar("ntkcv_structured_recorder", default=None)
 
 
-def _linen_types():
-    import flax.linen as nn
-
-    return (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
-
-
 def _linen_interceptor(next_fun, args, kwargs, context):
     recorder = _RECORDER.get()
     module = context.module
-    if recorder is None or type(module) not in _linen_types() or context.method_name == "setup":
+    if recorder is None or type(module) not in _layer_classes(False) or context.method_name == "setup":
         return next_fun(*args, **kwargs)
     key = "/".join(("linen",) + tuple(module.path))
-    describe = functools.partial(_describe_call, module, type(module), context.method_name, args, kwargs)
+    describe = functools.partial(_describe_call, module, type(module), context.method_name, args, kwargs,
+                                 nnx_module=False)
     return recorder.visit(key, context.method_name, describe, args, kwargs, lambda: next_fun(*args, **kwargs))
 
 
@@ -232,7 +238,7 @@ def _tapped_nnx_class(cls: type) -> type:
             key = None if recorder is None else recorder.nnx_keys.get(id(self))
             if key is None:
                 return original(self, *args, **kwargs)
-            describe = functools.partial(_describe_call, self, cls, name, args, kwargs)
+            describe = functools.partial(_describe_call, self, cls, name, args, kwargs, nnx_module=True)
             return recorder.visit(key, name, describe, args, kwargs, lambda: original(self, *args, **kwargs))
 
         return method
@@ -247,9 +253,8 @@ def _nnx_hook(module) -> None:
     recorder = _RECORDER.get()
     if recorder is None:
         return
-    types = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
     for path, node in nnx.iter_graph(module):
-        if type(node) in types:
+        if type(node) in _layer_classes(True):
             recorder.nnx_keys[id(node)] = "/".join(("nnx",) + tuple(str(p) for p in path))
             object.__setattr__(node, "__class__", _tapped_nnx_class(type(node)))
 

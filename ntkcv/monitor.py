@@ -141,7 +141,9 @@ class NTKMonitor:
         self.latest: dict[str, float] = {}  # the newest value written under each name
         self.trace_count = 0  # how often the CV computation was traced (compiled)
         self._checked_shapes: set = set()
-        kernel_fn = ntk_fn(self.apply_fn, trace_axes=trace_axes, implementation=implementation)
+        # No in-graph warnings: _write warns about non-finite CVs on the host, and a program without host
+        # callbacks can be stored by JAX's persistent compilation cache.
+        kernel_fn = ntk_fn(self.apply_fn, trace_axes=trace_axes, implementation=implementation, warn=False)
         num_classes = None
         if self.labels is not None and jnp.issubdtype(self.labels.dtype, jnp.integer):
             num_classes = int(self.labels.max()) + 1
@@ -149,9 +151,9 @@ class NTKMonitor:
         def exact(params, x, labels):
             self.trace_count += 1
             kernel = kernel_fn(params, x)
-            eigenvalues = spectrum(kernel) if log_spectrum else None  # shared with the CVs: one eigvalsh
+            eigenvalues = spectrum(kernel, warn=False) if log_spectrum else None  # shared with the CVs
             values = collective_variables(kernel, self.cvs, labels=labels, num_classes=num_classes,
-                                          eigenvalues=eigenvalues)
+                                          eigenvalues=eigenvalues, warn=False)
             return values, eigenvalues
 
         def estimated(params, x, labels):

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def as_matrix(kernel: jax.Array, name: str = "kernel") -> jax.Array:
+def as_matrix(kernel: jax.Array, name: str = "kernel", *, warn: bool = True) -> jax.Array:
     """Validate a kernel and return it as a square ``(n, n)`` matrix.
 
     A traced ``(N, N)`` or full ``(N·K, N·K)`` kernel is returned unchanged; a 4-D ``(N, N, K, K)`` kernel
     is reordered to ``(N, K, N, K)`` and reshaped to ``(N·K, N·K)`` (rows ordered ``(sample, output)``).
-    Emits a ``RuntimeWarning`` (also under ``jit``) when the kernel has non-finite entries or is
-    identically zero.
+    With ``warn``, emits a ``RuntimeWarning`` (also under ``jit``, through a host callback) when the
+    kernel has non-finite entries or is identically zero.
     """
     kernel = jnp.asarray(kernel)
     shape = kernel.shape
@@ -30,8 +30,9 @@ def as_matrix(kernel: jax.Array, name: str = "kernel") -> jax.Array:
         raise ValueError(f"{name} must have at least one row; got shape {shape}.")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         kernel = kernel.astype(jnp.result_type(float))
-    warn_if(~jnp.all(jnp.isfinite(kernel)), f"{name} has non-finite entries; its CVs are NaN.")
-    warn_if(jnp.all(kernel == 0), f"{name} is identically zero; normalised CVs (entropy, ...) are NaN.")
+    if warn:
+        warn_if(~jnp.all(jnp.isfinite(kernel)), f"{name} has non-finite entries; its CVs are NaN.")
+        warn_if(jnp.all(kernel == 0), f"{name} is identically zero; normalised CVs (entropy, ...) are NaN.")
     return kernel
 
 

@@ -73,6 +73,7 @@ def collective_variables(
     top_k: int = 10,
     num_classes: int | None = None,
     eigenvalues: jax.Array | None = None,
+    warn: bool = True,
 ) -> dict[str, jax.Array]:
     """Compute the named collective variables of ``kernel`` sharing one eigendecomposition.
 
@@ -81,7 +82,8 @@ def collective_variables(
     of other matrices. Each CV's formula and conventions are in the docstring of its function in
     :mod:`ntkcv.cv` (``class_entropy`` is :func:`~ntkcv.cv.classwise_entropy`, ``target_alignment``
     :func:`~ntkcv.cv.target_alignment`, …). Pure and ``jit``-able with ``names``, ``top_k`` and
-    ``num_classes`` static; a kernel with non-finite entries or equal to zero warns once.
+    ``num_classes`` static; a kernel with non-finite entries or equal to zero warns once (unless ``warn``
+    is false).
 
     Args:
       kernel: ``(N, N)``, ``(N·K, N·K)`` or ``(N, N, K, K)`` kernel.
@@ -97,6 +99,9 @@ def collective_variables(
         labels are concrete, required under ``jit``.
       eigenvalues: the kernel's eigenvalues in descending order if already computed (e.g. by
         :func:`~ntkcv.cv.spectrum`), so that no second ``eigvalsh`` runs.
+      warn: warn at run time when the kernel (or ``reference``) has non-finite entries or is zero. The
+        warning is a host callback inside the compiled program; with ``False`` the program has none, so
+        JAX's persistent compilation cache can store it, and the caller checks the (NaN) results itself.
 
     Returns:
       ``{name: scalar}``. Vector CVs are split into scalars ``"name/i"``: ``top_eigenvalues/0`` is
@@ -111,7 +116,7 @@ def collective_variables(
     """
     provided = {"labels": labels is not None, "reference": reference is not None}
     names = _resolve_names(names, provided, labels)
-    matrix = as_matrix(kernel)
+    matrix = as_matrix(kernel, warn=warn)
     n = matrix.shape[0]
     top_k = min(top_k, n)
     if top_k < 1:
@@ -122,7 +127,7 @@ def collective_variables(
     else:
         eigenvalues, eigenvectors = (symmetric_eigvalsh(matrix) if eigenvalues is None else eigenvalues), None
     if reference is not None:
-        reference = as_matrix(reference, "reference")
+        reference = as_matrix(reference, "reference", warn=warn)
         if reference.shape != matrix.shape:
             raise ValueError(f"reference must have the kernel's shape {matrix.shape}; got {reference.shape}.")
     if any(name in _CLASSWISE for name in names):

@@ -68,9 +68,13 @@ def mean_trace(kernel: jax.Array) -> jax.Array:
     return trace(kernel) / jnp.shape(kernel)[0]
 
 
-def spectrum(kernel: jax.Array) -> jax.Array:
-    r"""All eigenvalues :math:`λ_1 ≥ … ≥ λ_n` of :math:`(Θ + Θ^⊤)/2`, descending and unclipped."""
-    return eigenvalues(kernel)
+def spectrum(kernel: jax.Array, *, warn: bool = True) -> jax.Array:
+    r"""All eigenvalues :math:`λ_1 ≥ … ≥ λ_n` of :math:`(Θ + Θ^⊤)/2`, descending and unclipped.
+
+    ``warn=False`` drops the run-time warning for a non-finite or zero kernel (a host callback), as in
+    :func:`~ntkcv.cv.collective_variables`.
+    """
+    return eigenvalues(kernel, warn=warn)
 
 
 def top_eigenvalues(kernel: jax.Array, k: int) -> jax.Array:
@@ -118,9 +122,9 @@ def negative_mass(kernel: jax.Array) -> jax.Array:
     return negative_mass_of(eigenvalues(kernel))
 
 
-def eigenvalues(kernel: jax.Array) -> jax.Array:
+def eigenvalues(kernel: jax.Array, *, warn: bool = True) -> jax.Array:
     """Validated kernel → eigenvalues of its symmetric part, descending."""
-    return symmetric_eigvalsh(as_matrix(kernel))
+    return symmetric_eigvalsh(as_matrix(kernel, warn=warn))
 
 
 # Functions of a descending eigenvalue vector, shared with ``collective_variables`` (one eigvalsh).

@@ -76,10 +76,11 @@ def _choose(costs: _Costs, n1: int, n2: int) -> Implementation:
     return choice
 
 
-def _nan_if_nonfinite(kernel: jax.Array) -> jax.Array:
-    """Replace non-finite entries by NaN and warn at run time (works under ``jit``)."""
+def _nan_if_nonfinite(kernel: jax.Array, warn: bool) -> jax.Array:
+    """Replace non-finite entries by NaN; with ``warn``, also warn at run time (works under ``jit``)."""
     finite = jnp.isfinite(kernel)
-    jax.debug.callback(_warn_nonfinite, jnp.sum(~finite), kernel.size)
+    if warn:
+        jax.debug.callback(_warn_nonfinite, jnp.sum(~finite), kernel.size)
     return jnp.where(finite, kernel, jnp.nan)
 
 
@@ -101,6 +102,7 @@ def ntk_fn(
     diagonal: bool = False,
     memory_budget: int | None = None,
     precision: str | None = "highest",
+    warn: bool = True,
 ) -> Callable[..., jax.Array]:
     """Empirical neural tangent kernel of ``apply_fn`` with respect to all of ``params``.
 
@@ -121,6 +123,9 @@ def ntk_fn(
         on CPU); larger probe sets are computed in tiles.
       precision: matmul precision (``"highest"``: full float32 even where the default is TF32; pass
         ``"default"`` or ``"tensorfloat32"`` to trade accuracy for speed).
+      warn: warn at run time when the kernel has non-finite entries (through a host callback). With
+        ``False`` the compiled program has no host callback, so JAX's persistent compilation cache can
+        store it; the caller then checks the result (non-finite entries are NaN either way).
 
     Returns:
       ``kernel_fn(params, x1, x2=None)``, jitted, giving ``(N₁, N₂)`` for fully traced outputs or
@@ -183,7 +188,7 @@ def ntk_fn(
         with jax.default_matmul_precision(precision):
             layout, f, costs, chosen, budget = prepare(params, x1, x2)
             kernel = tiled(f, params, x1, x2, costs, chosen, budget)
-            return _nan_if_nonfinite(layout.unflatten_kernel(kernel))
+            return _nan_if_nonfinite(layout.unflatten_kernel(kernel), warn)
 
     @jax.jit
     def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
@@ -192,6 +197,6 @@ def ntk_fn(
             tile_bytes, module = costs.tile_bytes[chosen], _MODULES[chosen]
             tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
             diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t), x, tile)
-            return _nan_if_nonfinite(layout.unflatten_diagonal(diag))
+            return _nan_if_nonfinite(layout.unflatten_diagonal(diag), warn)
 
     return diagonal_fn if diagonal else kernel_fn

@@ -156,6 +156,15 @@ def test_nan_kernel_gives_nan_with_warning():
     assert np.isnan(value)
 
 
+def test_warn_false_gives_nan_silently(recwarn):
+    kernel = jnp.eye(3).at[0, 0].set(jnp.nan)
+    values = jax.jit(lambda k: cv.collective_variables(k, ["entropy", "trace"], warn=False))(kernel)
+    assert np.isnan(values["entropy"]) and np.isnan(values["trace"])
+    assert np.isnan(jax.jit(lambda k: cv.spectrum(k, warn=False))(jnp.zeros((3, 3)) * jnp.nan)).all()
+    assert np.isnan(cv.collective_variables(jnp.zeros((3, 3)), ["entropy"], warn=False)["entropy"])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_single_sample_kernel():
     kernel = jnp.array([[2.0]])
     assert float(cv.entropy(kernel)) == 0.0

@@ -66,6 +66,15 @@ def test_non_finite_outputs_give_nan_and_a_warning():
     assert np.isnan(kernel).all() and not np.isinf(kernel).any()
 
 
+def test_warn_false_gives_nan_from_a_program_without_host_callbacks(recwarn):
+    params = {"w": jnp.ones((3, 2)).at[0, 0].set(jnp.nan)}
+    kernel_fn = ntkcv.ntk_fn(APPLY, warn=False)
+    assert np.isnan(np.asarray(kernel_fn(params, X))).all()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert "callback" not in kernel_fn.lower(params, X).as_text()
+    assert "callback" in ntkcv.ntk_fn(APPLY).lower(params, X).as_text()
+
+
 def test_finite_kernels_do_not_warn(recwarn):
     jax.block_until_ready(ntkcv.ntk_fn(APPLY)(PARAMS, X))
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
