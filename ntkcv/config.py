@@ -83,6 +83,9 @@ class OutputConfig:
     tensorboard: bool = True
     hdf5: bool = True
     progress: bool = True
+    # JAX's persistent compilation cache: a rerun of the same model and shapes loads its compiled programs.
+    # "auto": $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/ntkcv/jax; "off": leave JAX's setting; else a path.
+    compilation_cache: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,3 +84,21 @@ def test_output_dir_that_is_not_writable_is_a_clear_error(tmp_path):
     config = load_config(None, {**SMALL, "train.steps": 2, "output.dir": str(blocker / "run")})
     with pytest.raises(ValueError, match=r"output\.dir .* is not a writable directory"):
         train(config)
+
+
+def test_a_rerun_loads_every_program_from_the_compilation_cache(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    entries = []
+    for run in ("first", "second"):
+        args = [sys.executable, "-m", "ntkcv.cli", "train"]
+        for key, value in {**SMALL, "train.steps": 20, "output.dir": str(tmp_path / run),
+                           "output.compilation_cache": str(cache)}.items():
+            args += ["--set", f"{key}={value}"]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        entries.append(sorted(path.name for path in cache.iterdir()))
+    programs = {name.split("-")[0] for name in entries[0]}
+    assert {"jit_train_step", "jit_compute"} <= programs  # the train step and the monitor's program
+    assert entries[1] == entries[0]  # nothing was compiled anew
