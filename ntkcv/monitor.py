@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkcv._program_store import program_key, stored_program
 from ntkcv.cv import collective_variables, spectrum, weight_spectra
 from ntkcv.cv.estimators import entropy_slq, trace_hutchpp
 from ntkcv.models import Model
@@ -139,7 +140,8 @@ class NTKMonitor:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "ntkcv-monitor") if asynchronous else None
         self._pending: collections.deque = collections.deque()  # futures of (step, values, arrays), in order
         self.latest: dict[str, float] = {}  # the newest value written under each name
-        self.trace_count = 0  # how often the CV computation was traced (compiled)
+        self.trace_count = 0  # programs made for the CV computation (traced or loaded from the store)
+        self._programs: dict[Any, Callable] = {}  # per signature of (params, probes)
         self._checked_shapes: set = set()
         # No in-graph warnings: _write warns about non-finite CVs on the host, and a program without host
         # callbacks can be stored by JAX's persistent compilation cache.
@@ -149,7 +151,6 @@ class NTKMonitor:
             num_classes = int(self.labels.max()) + 1
 
         def exact(params, x, labels):
-            self.trace_count += 1
             kernel = kernel_fn(params, x)
             eigenvalues = spectrum(kernel, warn=False) if log_spectrum else None  # shared with the CVs
             values = collective_variables(kernel, self.cvs, labels=labels, num_classes=num_classes,
@@ -157,7 +158,6 @@ class NTKMonitor:
             return values, eigenvalues
 
         def estimated(params, x, labels):
-            self.trace_count += 1
             op = ntk_operator(self.apply_fn, params, x, trace_axes=trace_axes)
             key_entropy, key_trace = jax.random.split(jax.random.key(seed))
             values = {}
@@ -172,14 +172,20 @@ class NTKMonitor:
             return values, None
 
         def compute(params, x, labels):
+            self.trace_count += 1
             use_estimators = matrix_free is True or (matrix_free == "auto" and estimable and prefer_matrix_free(
                 self.apply_fn, params, x, trace_axes=trace_axes, num_probes=num_probes, num_matvecs=num_matvecs))
             return (estimated if use_estimators else exact)(params, x, labels)
 
         self._compute = jax.jit(compute)
+        self._settings = {"cvs": self.cvs, "matrix_free": matrix_free, "num_probes": num_probes,
+                          "num_matvecs": num_matvecs, "seed": seed, "log_spectrum": log_spectrum,
+                          "trace_axes": tuple(trace_axes), "implementation": str(implementation),
+                          "num_classes": num_classes}
         if self._worker is not None and self.cvs and isinstance(model, Model) and not isinstance(self.probes, str):
             x = self._probe_inputs(model.params, None)  # compiled in the background before the first firing
-            self._worker.submit(lambda: jax.block_until_ready(self._compute(model.params, x, self.labels)))
+            self._worker.submit(lambda: jax.block_until_ready(self._program(model.params, x)(model.params, x,
+                                                                                              self.labels)))
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""
@@ -203,12 +209,25 @@ class NTKMonitor:
 
     def _measure(self, params: Any, x: jax.Array) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The CVs (and spectrum, weight metrics) of ``params`` on ``x``, fetched to the host."""
-        cvs, eigenvalues = self._compute(params, x, self.labels)
+        cvs, eigenvalues = self._program(params, x)(params, x, self.labels)
         values = {f"cv/{name}": value for name, value in cvs.items()}
         arrays = {} if eigenvalues is None else {"cv/spectrum": eigenvalues}
         if self.weight_metrics:
             values.update({f"weights/{k}": v for k, v in weight_spectra(jax.device_get(params)).summary.items()})
         return jax.device_get((values, arrays))
+
+    def _program(self, params: Any, x: jax.Array) -> Callable:
+        """The CV computation for these shapes: made once per signature; when JAX's persistent compilation cache
+        is on, loaded from (or stored in) the program store beside it, so a rerun skips tracing."""
+        args = (params, x, self.labels)
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        signature = (tree, tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf)))) for leaf in leaves))
+        if signature not in self._programs:
+            program, loaded = stored_program(self._compute, args,
+                                             program_key(self.apply_fn, args, self._settings))
+            self.trace_count += loaded
+            self._programs[signature] = program
+        return self._programs[signature]
 
     def _drain(self, *, wait: bool) -> dict[str, float]:
         """Write the results of finished firings (all of them with ``wait``), oldest first."""

@@ -87,10 +87,12 @@ def test_output_dir_that_is_not_writable_is_a_clear_error(tmp_path):
 
 
 def test_a_rerun_loads_every_program_from_the_compilation_cache(tmp_path):
+    """The second run compiles nothing (no new cache entry) and does not trace the monitor's program again (its
+    stored export is read, not rewritten)."""
     cache = tmp_path / "cache"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    entries = []
+    entries, stored = [], []
     for run in ("first", "second"):
         args = [sys.executable, "-m", "ntkcv.cli", "train"]
         for key, value in {**SMALL, "train.steps": 20, "output.dir": str(tmp_path / run),
@@ -98,7 +100,11 @@ def test_a_rerun_loads_every_program_from_the_compilation_cache(tmp_path):
             args += ["--set", f"{key}={value}"]
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        entries.append(sorted(path.name for path in cache.iterdir()))
+        entries.append(sorted(path.name for path in cache.glob("*-cache")))
+        stored.append([(path.name, path.stat().st_ino, path.stat().st_mtime_ns)
+                       for path in (cache / "ntkcv-programs").iterdir()])
     programs = {name.split("-")[0] for name in entries[0]}
-    assert {"jit_train_step", "jit_compute"} <= programs  # the train step and the monitor's program
+    assert {"jit_train_step", "jit_call"} <= programs  # the train step and the monitor's (stored) program
+    assert len(stored[0]) == 1 and stored[0][0][0].endswith(".jaxexport")
     assert entries[1] == entries[0]  # nothing was compiled anew
+    assert stored[1] == stored[0]  # the monitor's program was loaded, not traced and stored again
