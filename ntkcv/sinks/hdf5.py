@@ -36,10 +36,10 @@ class HDF5Sink(Sink):
     Arrays keep a floating dtype (others become float64) and one rank per name; a differently sized
     array widens the dataset, older rows padded with NaN. Nothing is dropped.
 
-    Buffering: scalars are kept in memory and appended, one resize per name, at :meth:`flush`, which runs
-    by itself every ``flush_secs`` and at :meth:`close` (a row per call and an HDF5 flush per step cost
-    about 0.5 ms, a sixth of a small model's training step); arrays are written into the file at once and
-    reach the disk (and SWMR readers) at the same flushes (an HDF5 flush per array costs about 1 ms).
+    Buffering: scalars and arrays are kept in memory and appended, one resize per name, at :meth:`flush`,
+    which runs by itself every ``flush_secs``, when the buffered arrays exceed ``max_buffer_bytes``, and at
+    :meth:`close` (a row per call and an HDF5 flush per step cost about 0.5 ms, a sixth of a small model's
+    training step; a spectrum written at once about 3 ms).
 
     Concurrent reading: with ``swmr=True`` the file enters HDF5's single-writer/multiple-reader mode at
     the first write of a step after this session's first step, and every flush reaches the file, so readers
@@ -55,18 +55,21 @@ class HDF5Sink(Sink):
       path: the file; created if absent.
       resume_from_step: delete rows with ``step >= resume_from_step`` on opening.
       swmr: allow readers while writing (needs HDF5 >= 1.10 files, ``libver="latest"``).
-      flush_secs: longest time buffered scalars (and written arrays) wait before reaching the file (``0``: every
-        call).
+      flush_secs: longest time buffered rows wait before reaching the file (``0``: every call).
+      max_buffer_bytes: buffered arrays beyond this size are written at once.
     """
 
     def __init__(self, path: str | os.PathLike, *, resume_from_step: int | None = None, swmr: bool = True,
-                 flush_secs: float = 10.0):
+                 flush_secs: float = 10.0, max_buffer_bytes: int = 64 * 2**20):
         if resume_from_step is not None:
             resume_from_step = check_step(resume_from_step)
         self.path = os.fspath(path)
         self.swmr = swmr
-        self.flush_secs = flush_secs
+        self.flush_secs, self.max_buffer_bytes = flush_secs, max_buffer_bytes
         self._buffer: dict[str, tuple[list[int], list[float]]] = {}  # name -> (steps, values) not yet written
+        self._arrays: dict[str, list[tuple[int, np.ndarray]]] = {}  # name -> (step, array) rows not yet written
+        self._array_ranks: dict[str, int] = {}
+        self._buffered_bytes = 0
         self._flushed_at = time.monotonic()
         self._first_step: int | None = None
         self._file: h5py.File | None = _open_or_recover(self.path)
@@ -99,20 +102,20 @@ class HDF5Sink(Sink):
     def write_arrays(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
         step = self._begin(step)
         for name, array in arrays.items():
-            array = np.asarray(array)
+            self._check_name("array", name)
+            array = np.array(array)  # a copy: the caller may reuse its buffer before the flush
             if not np.issubdtype(array.dtype, np.floating):
                 array = array.astype(np.float64)
-            group = self._group("arrays", name, lambda g, a=array: _create_array(g, a))
-            value = group["value"]
-            if value.ndim - 1 != array.ndim:
-                raise ValueError(f"array {name!r} has {value.ndim - 1} dimensions in {self.path}, got shape "
-                                 f"{array.shape}")
-            widest = tuple(max(a, b) for a, b in zip(value.shape[1:], array.shape, strict=True))
-            if widest != value.shape[1:]:
-                value.resize((value.shape[0], *widest))  # fillvalue NaN pads the older rows
-            padded = np.full(widest, np.nan, dtype=value.dtype)
-            padded[tuple(slice(0, n) for n in array.shape)] = array
-            _append(group, step, value=padded, shape=np.asarray(array.shape, dtype=np.int64))
+            rank = self._array_ranks.get(name)
+            if rank is None:
+                stored = self.file.get(f"arrays/{name}/value")
+                rank = self._array_ranks[name] = array.ndim if stored is None else stored.ndim - 1
+            if rank != array.ndim:
+                raise ValueError(f"array {name!r} has {rank} dimensions in {self.path}, got shape {array.shape}")
+            self._arrays.setdefault(name, []).append((step, array))
+            self._buffered_bytes += array.nbytes
+        if time.monotonic() - self._flushed_at >= self.flush_secs or self._buffered_bytes > self.max_buffer_bytes:
+            self.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         self._reopen_if_swmr()
@@ -123,13 +126,17 @@ class HDF5Sink(Sink):
         self.file.flush()
 
     def flush(self) -> None:
-        """Append the buffered scalars and flush the file (with the arrays written since the last flush)."""
+        """Append the buffered scalars and arrays and flush the file."""
         if self._file is None:
             return
         for name, (steps, values) in self._buffer.items():
             group = self._group("scalars", name, lambda g: _create_scalar(g))
             _append_rows(group, step=np.asarray(steps, np.int64), value=np.asarray(values, np.float64))
         self._buffer.clear()
+        for name, rows in self._arrays.items():
+            self._append_arrays(name, rows)
+        self._arrays.clear()
+        self._buffered_bytes = 0
         self._file.flush()
         self._flushed_at = time.monotonic()
 
@@ -138,6 +145,19 @@ class HDF5Sink(Sink):
             self.flush()
             self._file.close()
             self._file = None
+
+    def _append_arrays(self, name: str, rows: list[tuple[int, np.ndarray]]) -> None:
+        """Append ``rows`` of one name, NaN-padded to the widest shape so far (older rows padded by resizing)."""
+        group = self._group("arrays", name, lambda g: _create_array(g, rows[0][1]))
+        value = group["value"]
+        widest = tuple(max(sizes) for sizes in zip(value.shape[1:], *(a.shape for _, a in rows), strict=True))
+        if widest != value.shape[1:]:
+            value.resize((value.shape[0], *widest))  # fillvalue NaN pads the older rows
+        padded = np.full((len(rows), *widest), np.nan, dtype=value.dtype)
+        for row, (_, array) in enumerate(rows):
+            padded[(row, *(slice(0, n) for n in array.shape))] = array
+        _append_rows(group, step=np.asarray([step for step, _ in rows], np.int64), value=padded,
+                     shape=np.asarray([a.shape for _, a in rows], np.int64).reshape(len(rows), -1))
 
     def _begin(self, step: int) -> int:
         """Validates ``step`` and enters SWMR mode once this session's first step is complete."""
@@ -186,10 +206,6 @@ def _create_array(group: h5py.Group, array: np.ndarray) -> None:
                          chunks=(256, max(array.ndim, 1)))
     group.create_dataset("value", shape=(0, *array.shape), maxshape=(None,) * (array.ndim + 1),
                          dtype=array.dtype, chunks=True, fillvalue=np.nan)
-
-
-def _append(group: h5py.Group, step: int, **values: np.ndarray) -> None:
-    _append_rows(group, step=np.asarray([step], np.int64), **{name: value[None] for name, value in values.items()})
 
 
 def _append_rows(group: h5py.Group, **columns: np.ndarray) -> None:

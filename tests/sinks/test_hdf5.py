@@ -186,3 +186,34 @@ def test_scalars_reach_the_file_at_flush_or_after_flush_secs(tmp_path, monkeypat
     with HDF5Sink(tmp_path / "b.h5", flush_secs=0) as sink:
         sink.write_scalars(0, {"loss": 1.0})
         assert rows(sink) == [0]
+
+
+def test_arrays_are_buffered_copied_and_widened_across_flushes(tmp_path, monkeypatch):
+    import ntkcv.sinks.hdf5 as module
+
+    def rows(sink):
+        return list(sink.file["arrays/cv/spectrum/step"][()]) if "arrays/cv/spectrum" in sink.file else []
+
+    now = [0.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    with HDF5Sink(tmp_path / "a.h5", flush_secs=10, max_buffer_bytes=100) as sink:
+        spectrum = np.array([3.0, 2.0, 1.0])
+        sink.write_arrays(0, {"cv/spectrum": spectrum})
+        spectrum[:] = -1.0  # the caller reuses its buffer: the sink kept a copy
+        assert rows(sink) == []
+        sink.flush()
+        assert rows(sink) == [0]
+        sink.write_arrays(1, {"cv/spectrum": np.arange(5.0)})
+        now[0] = 10.0
+        sink.write_arrays(2, {"cv/spectrum": np.ones(4)})  # flush_secs passed
+        assert rows(sink) == [0, 1, 2]
+        now[0] = 11.0
+        sink.write_arrays(3, {"cv/spectrum": np.ones(20)})  # 160 bytes > max_buffer_bytes: written at once
+        assert rows(sink) == [0, 1, 2, 3]
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        value = f["arrays/cv/spectrum/value"][()]
+        assert value.shape == (4, 20)
+        np.testing.assert_array_equal(value[0, :3], [3.0, 2.0, 1.0])
+        np.testing.assert_array_equal(value[1, :5], np.arange(5.0))
+        assert np.isnan(value[0, 3:]).all() and np.isnan(value[2, 4:]).all()
+        np.testing.assert_array_equal(f["arrays/cv/spectrum/shape"][()].ravel(), [3, 5, 4, 20])
