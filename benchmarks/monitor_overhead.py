@@ -9,8 +9,9 @@ for comparison, inside the loop; all runs write the training scalars to TensorBo
 twice over: *cold*, with an empty compilation cache (a model and shapes run for the first time on this
 machine: everything is compiled), and *warm*, with JAX's persistent compilation cache filled by an earlier,
 uncounted run of the same mode (what ``ntkcv train`` does on a rerun, and in a sweep after its first run).
-Each run is its own subprocess (peak RSS is its own); runs alternate, and the ratios use the medians of
-``--repeats``. Prints a markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``.
+Each run is its own subprocess (peak RSS is its own); the arms alternate, and an arm's overhead is the median
+over ``--repeats`` of its ratio to the run without the monitor in the same repeat (this machine's load drifts, so
+adjacent runs compare best). Prints a markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,34 @@ def _run(mode: str, steps: int, cache: str = "") -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict:
+    """Median seconds per arm, and each mode's overhead as the median over repeats of its ratio to the run without
+    the monitor made just before it (adjacent runs share the machine's load), with the range of those ratios."""
+    median = {cache: {mode: statistics.median(r["train_seconds"] for r in rs) for mode, rs in by_mode.items()}
+              for cache, by_mode in runs.items()}
+    ratios = {cache: {mode: [r["train_seconds"] / off["train_seconds"] - 1
+                             for r, off in zip(rs, by_mode["off"], strict=True)]
+                      for mode, rs in by_mode.items() if mode != "off"} for cache, by_mode in runs.items()}
+    overhead = {cache: {mode: statistics.median(rs) for mode, rs in by_mode.items()}
+                for cache, by_mode in ratios.items()}
+    return {"median_seconds": median, "overhead": overhead, "overhead_per_repeat": ratios}
+
+
+def table(summary: dict, runs: dict[str, dict[str, list[dict]]]) -> str:
+    lines = ["| compilation cache | run (NTK every 50 steps, 256 probes) | training loop s (median) | overhead (median "
+             "[min, max] over repeats) | whole train() s | peak RSS GB | test accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for cache, by_mode in runs.items():
+        for mode, rs in by_mode.items():
+            ratios = summary["overhead_per_repeat"][cache].get(mode)
+            overhead = "–" if ratios is None else (f"{summary['overhead'][cache][mode]:.1%} "
+                                                   f"[{min(ratios):.1%}, {max(ratios):.1%}]")
+            lines.append(f"| {cache} | {MODES[mode]} | {summary['median_seconds'][cache][mode]:.2f} | {overhead} | "
+                         f"{statistics.median(r['seconds'] for r in rs):.2f} | "
+                         f"{max(r['peak_rss_bytes'] for r in rs) / 1e9:.2f} | {rs[0]['test_accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -77,23 +106,14 @@ def main() -> None:
             for mode in MODES:
                 runs["cold"][mode].append(_run(mode, steps))
                 runs["warm"][mode].append(_run(mode, steps, warm[mode]))
-    median = {cache: {mode: statistics.median(r["train_seconds"] for r in rs) for mode, rs in by_mode.items()}
-              for cache, by_mode in runs.items()}
-    overhead = {cache: {mode: m[mode] / m["off"] - 1 for mode in MODES if mode != "off"} for cache, m in median.items()}
-    print("| compilation cache | run (NTK every 50 steps, 256 probes) | training loop s (median) | overhead | "
-          "whole process s | peak RSS GB | test accuracy |\n|---|---|---|---|---|---|---|")
+    summary = summarise(runs)
+    print(table(summary, runs))
     for cache in CACHES:
-        for mode, label in MODES.items():
-            rs = runs[cache][mode]
-            print(f"| {cache} | {label} | {median[cache][mode]:.2f} | {overhead[cache].get(mode, 0.0):.1%} | "
-                  f"{statistics.median(r['seconds'] for r in rs):.2f} | "
-                  f"{max(r['peak_rss_bytes'] for r in rs) / 1e9:.2f} | {rs[0]['test_accuracy']:.4f} |")
-    for cache in CACHES:
-        print(f"\noverhead of the monitor ({steps} steps, {cache}): {overhead[cache]['on']:.1%} asynchronous, "
-              f"{overhead[cache]['sync']:.1%} in the loop")
+        overhead = summary["overhead"][cache]
+        print(f"\noverhead of the monitor ({steps} steps, {cache}): {overhead['on']:.1%} asynchronous, "
+              f"{overhead['sync']:.1%} in the loop")
     path = write_result("monitor_overhead" + ("-quick" if args.quick else ""),
-                        {"steps": steps, "repeats": args.repeats, "runs": runs, "median_seconds": median,
-                         "overhead": overhead})
+                        {"steps": steps, "repeats": args.repeats, "runs": runs, **summary})
     print(f"wrote {path}")
 
 
