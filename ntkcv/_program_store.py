@@ -64,17 +64,20 @@ def stored_program(jitted: Callable, args: tuple, key: str,
     if not directory:
         return jitted, False
     path = pathlib.Path(directory) / STORE_NAME / f"{key}.jaxexport"
+    leaves, tree = jax.tree_util.tree_flatten(args)  # exported over the leaves: any pytree (nnx.State too)
     try:
         exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        loaded = True
         logger.debug("monitor program loaded from %s", path)
     except FileNotFoundError:
-        exported = None
+        exported, loaded = None, False
     except Exception as error:  # a truncated or incompatible file: trace again and replace it
         logger.warning("ignoring the unreadable stored program %s (%s)", path, error)
-        exported = None
+        exported, loaded = None, False
     if exported is None:
         try:
-            exported = jax.export.export(jitted)(*args)
+            exported = jax.export.export(jax.jit(lambda *flat: jitted(*jax.tree_util.tree_unflatten(tree, flat))))(
+                *leaves)
             blob = exported.serialize()
         except Exception as error:  # e.g. a host callback or a custom call jax.export refuses
             logger.debug("monitor program not exportable (%s); traced in every run", error)
@@ -86,5 +89,5 @@ def stored_program(jitted: Callable, args: tuple, key: str,
             os.replace(file.name, path)  # atomic: concurrent runs never read half a file
         except OSError as error:
             logger.warning("could not store the monitor program in %s (%s)", path.parent, error)
-        return jax.jit(exported.call), False
-    return jax.jit(exported.call), True
+    program = jax.jit(exported.call)
+    return (lambda *call_args: program(*jax.tree_util.tree_leaves(call_args))), loaded

@@ -6,6 +6,8 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 import ntkcv
@@ -82,18 +84,36 @@ def test_without_a_directory_or_with_a_broken_file_the_program_is_traced(tmp_pat
     assert stored_program(_counting_kernel()[0], (PARAMS, X), "k", tmp_path)[1]  # the broken file was replaced
 
 
-def test_a_monitor_loads_the_program_an_earlier_monitor_stored(tmp_path):
+class TwoLayers(nnx.Module):
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.hidden, self.out = nnx.Linear(3, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("kind", ["function", "nnx", "matrix_free"])
+def test_a_monitor_loads_the_program_an_earlier_monitor_stored(tmp_path, kind):
+    """Also for parameters that jax.export cannot serialise as a tree (nnx.State), and for the estimators."""
     labels = jnp.array([0, 1, 0, 1, 1])
+    model_, params = (model, PARAMS) if kind != "nnx" else (lambda m: (m, m.params))(ntkcv.from_nnx(TwoLayers()))
+    cvs = ("entropy", "trace") if kind == "matrix_free" else ("entropy", "trace", "target_alignment")
+    options = {"matrix_free": True, "num_probes": 4, "num_matvecs": 4} if kind == "matrix_free" else {}
     values, stored = [], []
     with jax_cache_dir(str(tmp_path)):
         for _ in range(2):
-            monitor = ntkcv.NTKMonitor(model, X, labels=labels, cvs=("entropy", "trace", "target_alignment"))
-            values.append(monitor(0, PARAMS))
+            monitor = ntkcv.NTKMonitor(model_, X, labels=labels, cvs=cvs, **options)
+            values.append(monitor(0, params))
             assert monitor.trace_count == 1
             stored.append([(p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / STORE_NAME).iterdir()])
     assert len(stored[0]) == 1 and stored[1] == stored[0]  # the second monitor read the program, wrote nothing
-    expected = collective_variables(ntkcv.ntk_fn(model)(PARAMS, X), ["entropy", "trace", "target_alignment"],
-                                    labels=labels)
+    expected = ntkcv.NTKMonitor(model_, X, labels=labels, cvs=cvs, **options)(0, params)  # outside this store
+    assert set(values[1]) == set(expected)
     for got in values:
         for name, value in expected.items():
-            np.testing.assert_allclose(got[f"cv/{name}"], value, rtol=1e-5)
+            np.testing.assert_allclose(got[name], value, rtol=1e-5)
+    if kind == "function":  # and the traced program itself is exact
+        reference = collective_variables(ntkcv.ntk_fn(model)(PARAMS, X), cvs, labels=labels)
+        for name, value in reference.items():
+            np.testing.assert_allclose(values[1][f"cv/{name}"], value, rtol=1e-5)
