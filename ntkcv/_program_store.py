@@ -37,13 +37,19 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+def argument_signature(args: Any) -> tuple:
+    """The tree structure of ``args`` and the shape and dtype of each leaf: what a traced program is specific to."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf)))) for leaf in leaves)
+
+
 def program_key(model_fn: Callable, args: tuple, settings: dict[str, Any]) -> str:
     """A key for the program built from ``model_fn`` at ``args`` (a pytree whose first two items are the model's
     params and inputs): the model's jaxpr and constants, the argument tree and shapes, ``settings``, the JAX and
     ntkcv versions, the devices and the memory budget that the NTK's tiling planned for."""
     closed = jax.make_jaxpr(model_fn)(*args[:2])
-    avals = [(leaf.shape, str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(args)]
-    parts = (str(closed.jaxpr), str(jax.tree_util.tree_structure(args)), repr(avals), repr(sorted(settings.items())),
+    tree, avals = argument_signature(args)
+    parts = (str(closed.jaxpr), str(tree), repr(avals), repr(sorted(settings.items())),
              jax.__version__, _source_digest(), repr([d.device_kind for d in jax.local_devices()]),
              str(default_memory_budget()), str(jax.config.jax_default_matmul_precision))
     digest = hashlib.sha256("\0".join(parts).encode())

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkcv._program_store import program_key, stored_program
+from ntkcv._program_store import argument_signature, program_key, stored_program
 from ntkcv.cv import collective_variables, spectrum, weight_spectra
 from ntkcv.cv.estimators import entropy_slq, trace_hutchpp
 from ntkcv.models import Model
@@ -223,8 +223,7 @@ class NTKMonitor:
         """The CV computation for these shapes: made once per signature; when JAX's persistent compilation cache
         is on, loaded from (or stored in) the program store beside it, so a rerun skips tracing."""
         args = (params, x, self.labels)
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        signature = (tree, tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf)))) for leaf in leaves))
+        signature = argument_signature(args)
         if signature not in self._programs:
             program, loaded = stored_program(self._compute, args,
                                              program_key(self.apply_fn, args, self._settings))
