@@ -74,12 +74,13 @@ class MonitorConfig:
     weight_metrics: bool = True
     spectrum: bool = True
     asynchronous: bool = True  # compute CVs in a background thread; the loop never waits (false: in the loop)
+    blas_threads: int | None = 1  # BLAS/LAPACK threads while the monitor computes (null: the library's setting)
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/digits-mlp-{time}"  # "{time}" becomes the start time, so each run gets its own directory
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # an orbax checkpoint after every n updates and after the last
     tensorboard: bool = True
     hdf5: bool = True
     progress: bool = True
@@ -142,6 +143,8 @@ def _check_ranges(config: RunConfig) -> None:
         for i, index in enumerate(config.data.indices):
             if index < 0:
                 raise ConfigError(f"data.indices[{i}] must be a row index >= 0, got {index}")
+    if config.monitor.blas_threads is not None and config.monitor.blas_threads < 1:
+        raise ConfigError(f"monitor.blas_threads must be at least 1 or null, got {config.monitor.blas_threads}")
     for i, name in enumerate(config.monitor.cvs):
         if name not in AVAILABLE:
             raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, AVAILABLE))}; got {name!r}")

@@ -150,9 +150,11 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
             metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
         return metrics
 
-    checkpoints = ocp.CheckpointManager(
+    every, last = config.output.checkpoint_every, config.train.steps - 1
+    checkpoints = ocp.CheckpointManager(  # after every `every` updates and after the last one
         run_dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(save_interval_steps=config.output.checkpoint_every, max_to_keep=2))
+        options=ocp.CheckpointManagerOptions(should_save_fn=lambda step, _: (step + 1) % every == 0 or step == last,
+                                             max_to_keep=2))
     start = 0
     if resume and checkpoints.latest_step() is not None:
         last = checkpoints.latest_step()
@@ -184,7 +186,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
                           log_spaced=log_spaced),
         matrix_free=config.monitor.matrix_free, log_spectrum=config.monitor.spectrum,
         weight_metrics=config.monitor.weight_metrics and config.monitor.enabled, trace_axes=config.monitor.trace_axes,
-        implementation=config.monitor.implementation, sinks=sinks, asynchronous=config.monitor.asynchronous)
+        implementation=config.monitor.implementation, sinks=sinks, blas_threads=config.monitor.blas_threads,
+        asynchronous=config.monitor.asynchronous)
 
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     started = time.perf_counter()

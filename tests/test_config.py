@@ -28,6 +28,7 @@ def test_shipped_configs_parse(path):
     ({"model.widths": [8, "a"]}, r"model.widths\[1\] must be an integer, got 'a'"),
     ({"monitor.cvs": ["entropi"]}, r"monitor.cvs\[0\] must be one of .*'entropy'.*got 'entropi'"),
     ({"output.tensorboard": "yes"}, "output.tensorboard must be true or false, got 'yes'"),
+    ({"monitor.blas_threads": 0}, "monitor.blas_threads must be at least 1 or null, got 0"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):
     with pytest.raises(ConfigError, match=message):

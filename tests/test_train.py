@@ -27,8 +27,11 @@ def _event_steps(logdir: pathlib.Path, tag: str) -> list[int]:
 
 
 def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
-    config = load_config(None, {**SMALL, "train.steps": 40, "output.dir": str(tmp_path / "run")})
+    config = load_config(None, {**SMALL, "train.steps": 40, "output.checkpoint_every": 15,
+                                "output.dir": str(tmp_path / "run")})
     result = train(config)
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [29, 39]  # after every 15 updates (14, 29) and after the last; the two latest are kept
     assert result["final/test_accuracy"] > 0.3
     series = read_scalars(result["hdf5"])
     assert list(series["train/loss"][0]) == list(range(40))

@@ -227,3 +227,31 @@ def test_asynchronous_monitor_compiles_from_construction_and_checks_probes_there
     assert monitor.trace_count == 1 and "cv/trace" in monitor.latest
     with pytest.raises(ValueError, match="do not fit the model"):
         ntkcv.NTKMonitor(model, x[:, :3], cvs=("trace",), asynchronous=True)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_blas_threads_are_limited_while_the_monitor_is_open_and_restored_at_close(asynchronous):
+    from ntkcv.monitor import _blas_libraries
+
+    apply_fn, params, x = _model()
+    libraries = _blas_libraries()
+    assert libraries.info(), "no BLAS library found in this process"
+    seen = {}
+    with libraries.limit(limits=2, user_api="blas"):  # the libraries' own setting, also on a 1-core machine
+        for blas_threads in (1, None):
+            monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("entropy",), blas_threads=blas_threads,
+                                       asynchronous=asynchronous)
+            program = monitor._program
+
+            def recording(params, x, program=program, blas_threads=blas_threads):
+                seen[blas_threads] = [library["num_threads"] for library in libraries.info()]
+                return program(params, x)
+
+            monitor._program = recording
+            monitor(0, params)
+            monitor.close()
+        after = [library["num_threads"] for library in libraries.info()]
+    assert seen[1] == [1] * len(after)  # while the firing computed (in the monitor's thread when asynchronous)
+    assert seen[None] == after == [2] * len(after)
+    with pytest.raises(ValueError, match="blas_threads must be at least 1 or None"):
+        ntkcv.NTKMonitor(apply_fn, x, blas_threads=0)
