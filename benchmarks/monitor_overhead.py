@@ -11,7 +11,8 @@ machine: everything is compiled), and *warm*, with JAX's persistent compilation 
 uncounted run of the same mode (what ``ntkcv train`` does on a rerun, and in a sweep after its first run).
 Each run is its own subprocess (peak RSS is its own); the arms alternate, and an arm's overhead is the median
 over ``--repeats`` of its ratio to the run without the monitor in the same repeat (this machine's load drifts, so
-adjacent runs compare best). Prints a markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``.
+adjacent runs compare best). Prints a markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``
+(``monitor_overhead-<steps>-<machine>.json`` for other ``--steps``).
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def main() -> None:
         overhead = summary["overhead"][cache]
         print(f"\noverhead of the monitor ({steps} steps, {cache}): {overhead['on']:.1%} asynchronous, "
               f"{overhead['sync']:.1%} in the loop")
-    path = write_result("monitor_overhead" + ("-quick" if args.quick else ""),
+    suffix = "-quick" if args.quick else "" if steps == 1000 else f"-{steps}"
+    path = write_result(f"monitor_overhead{suffix}",
                         {"steps": steps, "repeats": args.repeats, "runs": runs, **summary})
     print(f"wrote {path}")
 
