@@ -160,10 +160,6 @@ class NTKMonitor:
         if blas_threads is not None and blas_threads < 1:
             raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads!r}")
         self.blas_threads = blas_threads
-        # set here, by the thread that makes the monitor (threadpoolctl lets one thread at a time set OpenBLAS's
-        # process-wide limit), and undone by close()
-        self._blas_limit = (None if blas_threads is None
-                            else _blas_libraries().limit(limits=blas_threads, user_api="blas"))
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "ntkcv-monitor") if asynchronous else None
         self._pending: collections.deque = collections.deque()  # futures of (step, values, arrays), in order
         self.latest: dict[str, float] = {}  # the newest value written under each name
@@ -209,8 +205,14 @@ class NTKMonitor:
                           "num_matvecs": num_matvecs, "seed": seed, "log_spectrum": log_spectrum,
                           "trace_axes": tuple(trace_axes), "implementation": str(implementation),
                           "num_classes": num_classes}
-        if self._worker is not None and self.cvs and isinstance(model, Model) and not isinstance(self.probes, str):
-            x = self._probe_inputs(model.params, None)  # compiled in the background before the first firing
+        warm_up = (self._worker is not None and self.cvs and isinstance(model, Model)
+                   and not isinstance(self.probes, str))
+        x = self._probe_inputs(model.params, None) if warm_up else None  # checked before anything is set or started
+        # set by the thread that makes the monitor (threadpoolctl lets one thread at a time set OpenBLAS's
+        # process-wide limit); undone by close()
+        self._blas_limit = (None if blas_threads is None
+                            else _blas_libraries().limit(limits=blas_threads, user_api="blas"))
+        if warm_up:  # compiled in the background before the first firing
             self._worker.submit(lambda: jax.block_until_ready(self._program(model.params, x)(model.params, x,
                                                                                               self.labels)))
 

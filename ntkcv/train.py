@@ -150,11 +150,11 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
             metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
         return metrics
 
-    every, last = config.output.checkpoint_every, config.train.steps - 1
+    every, final_step = config.output.checkpoint_every, config.train.steps - 1
     checkpoints = ocp.CheckpointManager(  # after every `every` updates and after the last one
         run_dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(should_save_fn=lambda step, _: (step + 1) % every == 0 or step == last,
-                                             max_to_keep=2))
+        options=ocp.CheckpointManagerOptions(
+            should_save_fn=lambda step, _: (step + 1) % every == 0 or step == final_step, max_to_keep=2))
     start = 0
     if resume and checkpoints.latest_step() is not None:
         last = checkpoints.latest_step()

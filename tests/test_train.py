@@ -50,7 +50,7 @@ def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
 def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "ntkcv.cli", "train"]
-    overrides = {**SMALL, "train.steps": 400, "output.checkpoint_every": 25, "output.dir": str(run_dir)}
+    overrides = {**SMALL, "train.steps": 400, "output.checkpoint_every": 30, "output.dir": str(run_dir)}
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -71,6 +71,8 @@ def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
     assert list(series["cv/entropy"][0]) == [*range(0, 400, 10), 399]
     assert sorted(_event_steps(run_dir / "tensorboard", "train/loss")) == list(range(400))
     assert sorted(_event_steps(run_dir / "tensorboard", "cv/entropy")) == [*range(0, 400, 10), 399]
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [389, 399]  # the resumed run still checkpoints every 30 updates and after the last
 
 
 def test_cli_reports_config_errors(tmp_path):
