@@ -159,7 +159,6 @@ class NTKMonitor:
         self.max_pending = max_pending
         if blas_threads is not None and blas_threads < 1:
             raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads!r}")
-        self.blas_threads = blas_threads
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "ntkcv-monitor") if asynchronous else None
         self._pending: collections.deque = collections.deque()  # futures of (step, values, arrays), in order
         self.latest: dict[str, float] = {}  # the newest value written under each name
