@@ -57,15 +57,17 @@ _MODULES: dict[Implementation, ModuleType] = {
 
 
 class _Costs:
-    """Each implementation's ``flops(n1, n2)`` and ``tile_bytes(b1, b2)`` for one model and input shape."""
+    """Each implementation's ``flops(n1, n2)`` and ``tile_bytes(b1, b2)`` for one model and input shape, and the
+    keyword arguments its tile functions take (``structured``: the coverage, whose trace of the model they reuse)."""
 
     def __init__(self, f, params, x, profile: ModelProfile):
-        extra = {Implementation.STRUCTURED: {"cover": structured.coverage(f, params, x)}}
-        self.flops = {impl: functools.partial(module.flops, profile, **extra.get(impl, {}))
+        self.options = {Implementation.STRUCTURED: {"cover": structured.coverage(f, params, x)}}
+        self.flops = {impl: functools.partial(module.flops, profile, **self.options.get(impl, {}))
                       for impl, module in _MODULES.items()}
-        self.tile_bytes = {impl: functools.partial(module.tile_bytes, profile, **extra.get(impl, {}))
+        self.tile_bytes = {impl: functools.partial(module.tile_bytes, profile, **self.options.get(impl, {}))
                            for impl, module in _MODULES.items()}
-        self.split_bytes = functools.partial(structured.split_bytes, profile, **extra[Implementation.STRUCTURED])
+        self.split_bytes = functools.partial(structured.split_bytes, profile,
+                                             **self.options[Implementation.STRUCTURED])
 
 
 def _choose(costs: _Costs, n1: int, n2: int) -> Implementation:
@@ -171,17 +173,18 @@ def ntk_fn(
         their own."""
         n1, num_devices = x1.shape[0], len(jax.local_devices())
         n2 = n1 if x2 is None else x2.shape[0]
-        module, tile_bytes = _MODULES[chosen], costs.tile_bytes[chosen]
+        module, tile_bytes, options = _MODULES[chosen], costs.tile_bytes[chosen], costs.options.get(chosen, {})
         if chosen is Implementation.STRUCTURED and tile_bytes(-(-n1 // num_devices), n2) > budget:
             stored, build_bytes, contract_bytes = costs.split_bytes(n1, n2, same=x2 is None)
             samples = n1 if x2 is None else n1 + n2
             planned = plan_split(n1, n2, samples * stored, build_bytes, contract_bytes, budget, num_devices)
-            split = None if planned is None else structured.split_fn(f, params, x1, n1, n2, same=x2 is None)
+            split = None if planned is None else structured.split_fn(f, params, x1, n1, n2, same=x2 is None,
+                                                                     **options)
             if split is not None:
                 logger.debug("structured: features in tiles of %d, contraction in %s tiles", *planned)
                 return tiled_split_kernel(*split, x1, x2, *planned)
         tiles = plan_tiles(n1, n2, tile_bytes, budget, num_devices)
-        return tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b), x1, x2, tiles)
+        return tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b, **options), x1, x2, tiles)
 
     @jax.jit
     def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
@@ -194,9 +197,9 @@ def ntk_fn(
     def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
         with jax.default_matmul_precision(precision):
             layout, f, costs, chosen, budget = prepare(params, x, None)
-            tile_bytes, module = costs.tile_bytes[chosen], _MODULES[chosen]
+            tile_bytes, module, options = costs.tile_bytes[chosen], _MODULES[chosen], costs.options.get(chosen, {})
             tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
-            diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t), x, tile)
+            diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t, **options), x, tile)
             return _nan_if_nonfinite(layout.unflatten_diagonal(diag), warn)
 
     return diagonal_fn if diagonal else kernel_fn

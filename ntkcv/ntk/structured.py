@@ -335,13 +335,14 @@ def _routes(plan: _Plan, n1: int, n2: int, *, same: bool) -> dict[str, str]:
     return {layer.key: _choose(_route_costs(layer, n1, n2, kept, traced, same=same)) for layer in plan.layers}
 
 
-def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, same: bool):
+def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, same: bool,
+             cover: Coverage | None = None):
     """``(features_fn, contract_fn)`` for an ``n₁ × n₂`` kernel: ``features_fn(x_tile)`` builds each sample's
     share once (per layer, the factors its route contracts: ``(U, G)`` for "gram", the weight gradient for
     "grad"; the fallback Jacobians), ``contract_fn(F₁, F₂) -> (b₁, b₂, O, O)`` pairs them up. A tiled kernel
     then builds every sample's features once, however many tiles it is cut into. ``None`` when no layer is
-    covered."""
-    plan = _plan(f, params, x)
+    covered. ``cover``: :func:`coverage` of the same ``f``, ``params`` and inputs, whose trace is then reused."""
+    plan = _plan(f, params, x) if cover is None else cover.plan
     if not plan.layers:
         return None
     routes = _routes(plan, n1, n2, same=same)
@@ -364,11 +365,13 @@ def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, sam
     return features_fn, contract_fn
 
 
-def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None) -> jax.Array:
-    """Θ(x₁, x₂) of shape ``(N₁, N₂, O, O)``, layer-factorised where possible; ``x2=None``: ``x2 = x1``."""
+def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None, *,
+                cover: Coverage | None = None) -> jax.Array:
+    """Θ(x₁, x₂) of shape ``(N₁, N₂, O, O)``, layer-factorised where possible; ``x2=None``: ``x2 = x1``.
+    ``cover``: as for :func:`split_fn`."""
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
-    split = split_fn(f, params, x1, n1, n2, same=x2 is None)
+    split = split_fn(f, params, x1, n1, n2, same=x2 is None, cover=cover)
     if split is None:
         return jacobian.kernel_tile(f, params, x1, x2)
     features_fn, contract_fn = split
@@ -376,9 +379,9 @@ def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None
     return contract_fn(features1, features1 if x2 is None else features_fn(x2))
 
 
-def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array) -> jax.Array:
-    """Θ(x_a, x_a) for each sample, shape ``(N, O, O)``."""
-    plan = _plan(f, params, x)
+def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *, cover: Coverage | None = None) -> jax.Array:
+    """Θ(x_a, x_a) for each sample, shape ``(N, O, O)``; ``cover``: as for :func:`split_fn`."""
+    plan = _plan(f, params, x) if cover is None else cover.plan
     if not plan.layers:
         return jacobian.diagonal_tile(f, params, x)
     factors, jac = _per_sample(f, plan, x)
@@ -411,7 +414,7 @@ class Coverage(NamedTuple):
     fallback: tuple[tuple[str, str], ...]  # (leaf path, reason)
     covered_size: int  # parameters in covered layers
     fallback_size: int  # parameters contracted by Jacobians
-    planned: tuple = ()  # the per-layer sizes the cost model reads
+    plan: _Plan  # the traced plan: per-layer sizes for the cost model, reused by the kernel functions
 
 
 def coverage(f: CanonicalFn, params: Any, x: jax.Array) -> Coverage:
@@ -429,7 +432,7 @@ def coverage(f: CanonicalFn, params: Any, x: jax.Array) -> Coverage:
     )
     fallback = tuple((paths[i], plan.reasons.get(i, "not read by a supported layer")) for i in plan.fallback)
     fallback_size = sum(sizes[i] for i in plan.fallback)
-    return Coverage(layers, fallback, sum(sizes) - fallback_size, fallback_size, plan.layers)
+    return Coverage(layers, fallback, sum(sizes) - fallback_size, fallback_size, plan)
 
 
 def flops(profile: ModelProfile, n1: int, n2: int, cover: Coverage) -> float:
@@ -443,7 +446,7 @@ def flops(profile: ModelProfile, n1: int, n2: int, cover: Coverage) -> float:
     """
     o, r = profile.kept, profile.traced
     total = (n1 + n2) * o * r * 3 * profile.forward_flops + 2.0 * n1 * n2 * o * o * r * cover.fallback_size
-    for layer in cover.planned:
+    for layer in cover.plan.layers:
         costs = _route_costs(layer, n1, n2, o, r, same=False)
         total += 2.0 * costs[_choose(costs)][0]
     return total
@@ -454,7 +457,7 @@ def tile_bytes(profile: ModelProfile, b1: int, b2: int, cover: Coverage) -> int:
     backward passes' activations, each layer's route intermediates and the kernel block."""
     o, r, item = profile.kept, profile.traced, profile.itemsize
     elements = (b1 + b2) * o * r * cover.fallback_size + 2 * b1 * b2 * o * o
-    for layer in cover.planned:
+    for layer in cover.plan.layers:
         costs = _route_costs(layer, b1, b2, o, r, same=False)
         elements += (b1 + b2) * layer.positions * (layer.in_size + o * r * layer.out_size)
         elements += costs[_choose(costs)][1]
@@ -466,7 +469,7 @@ def split_bytes(profile: ModelProfile, n1: int, n2: int, cover: Coverage, *, sam
     b₂))``, the last two the peaks of building ``b`` samples' features and of contracting a ``b₁ × b₂`` tile."""
     o, r, item = profile.kept, profile.traced, profile.itemsize
     stored, factors, pair = o * r * cover.fallback_size, 0, 0
-    for layer in cover.planned:
+    for layer in cover.plan.layers:
         t, d, h = layer.positions, layer.in_size, layer.out_size
         factors += t * (d + o * r * h)
         if _choose(_route_costs(layer, n1, n2, o, r, same=same)) == "grad":

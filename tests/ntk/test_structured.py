@@ -177,6 +177,19 @@ def test_debug_log_names_each_leaf_path(caplog):
     assert "['LayerNorm_0']['scale'] falls back to jacobian" in caplog.text
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_ntk_fn_plans_once_and_matches_the_tile_functions(diagonal, monkeypatch):
+    """``ntk_fn`` hands the coverage's plan to the kernel (one trace of the layers, not two), same numbers."""
+    model, x1, _ = make_case("mlp_tanh")
+    plans = []
+    plan = structured._plan
+    monkeypatch.setattr(structured, "_plan", lambda *args: plans.append(args) or plan(*args))
+    kernel = ntkcv.ntk_fn(model.apply_fn, implementation="structured", diagonal=diagonal)(model.params, x1)
+    assert len(plans) == 1
+    same, _, diagonal_kernel = _tiles(model, (-1,), x1, x1)
+    np.testing.assert_allclose(kernel, diagonal_kernel if diagonal else same, rtol=1e-6, atol=1e-6)
+
+
 def test_cost_model_prefers_structured_for_the_reference_mlp():
     from ntkcv.ntk import jacobian
     from ntkcv.ntk.profile import ModelProfile
