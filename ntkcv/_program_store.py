@@ -59,9 +59,9 @@ def program_key(model_fn: Callable, args: tuple, settings: dict[str, Any]) -> st
 
 
 def stored_program(jitted: Callable, args: tuple, key: str,
-                   directory: str | os.PathLike | None = None) -> tuple[Callable, bool]:
-    """``jitted``'s program for ``args`` and whether it was loaded: deserialised from the store when there, else
-    exported (traced) and stored.
+                   directory: str | os.PathLike | None = None) -> tuple[jax.stages.Wrapped, bool]:
+    """``jitted``'s program for ``args`` (jitted, so ``.lower(*args).compile()`` compiles it ahead of a call) and
+    whether it was loaded: deserialised from the store when there, else exported (traced) and stored.
 
     The store is ``directory`` (default: JAX's ``jax_compilation_cache_dir``) / ``ntkcv-programs``. Without one,
     and when the program cannot be exported, ``jitted`` itself (traced as usual) is returned.
@@ -95,5 +95,4 @@ def stored_program(jitted: Callable, args: tuple, key: str,
             os.replace(file.name, path)  # atomic: concurrent runs never read half a file
         except OSError as error:
             logger.warning("could not store the monitor program in %s (%s)", path.parent, error)
-    program = jax.jit(exported.call)
-    return (lambda *call_args: program(*jax.tree_util.tree_leaves(call_args))), loaded
+    return jax.jit(lambda *call_args: exported.call(*jax.tree_util.tree_leaves(call_args))), loaded

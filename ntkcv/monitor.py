@@ -211,9 +211,8 @@ class NTKMonitor:
         # process-wide limit); undone by close()
         self._blas_limit = (None if blas_threads is None
                             else _blas_libraries().limit(limits=blas_threads, user_api="blas"))
-        if warm_up:  # compiled in the background before the first firing
-            self._worker.submit(lambda: jax.block_until_ready(self._program(model.params, x)(model.params, x,
-                                                                                              self.labels)))
+        if warm_up:  # compiled in the background before the first firing (not run: a firing's work for nothing)
+            self._worker.submit(lambda: self._program(model.params, x).lower(model.params, x, self.labels).compile())
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""
@@ -244,7 +243,7 @@ class NTKMonitor:
             values.update({f"weights/{k}": v for k, v in weight_spectra(jax.device_get(params)).summary.items()})
         return jax.device_get((values, arrays))
 
-    def _program(self, params: Any, x: jax.Array) -> Callable:
+    def _program(self, params: Any, x: jax.Array) -> jax.stages.Wrapped:
         """The CV computation for these shapes: made once per signature; when JAX's persistent compilation cache
         is on, loaded from (or stored in) the program store beside it, so a rerun skips tracing."""
         args = (params, x, self.labels)

@@ -229,6 +229,22 @@ def test_asynchronous_monitor_compiles_from_construction_and_checks_probes_there
         ntkcv.NTKMonitor(model, x[:, :3], cvs=("trace",), asynchronous=True)
 
 
+def test_asynchronous_warm_up_compiles_the_program_without_running_it():
+    apply_fn, params, x = _model()
+    runs = []
+
+    def counted_apply_fn(p, x):
+        jax.debug.callback(lambda: runs.append(1))
+        return apply_fn(p, x)
+
+    monitor = ntkcv.NTKMonitor(ntkcv.from_function(counted_apply_fn, params), x, cvs=("trace",), asynchronous=True)
+    monitor._worker.submit(lambda: None).result()  # the warm-up ran first
+    assert monitor.trace_count == 1 and runs == []
+    monitor(0, params)
+    monitor.close()
+    assert monitor.trace_count == 1 and runs and "cv/trace" in monitor.latest
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_blas_threads_are_limited_while_the_monitor_is_open_and_restored_at_close(asynchronous):
     from ntkcv.monitor import _blas_libraries
