@@ -9,9 +9,10 @@ for comparison, inside the loop; all runs write the training scalars to TensorBo
 twice over: *cold*, with an empty compilation cache (a model and shapes run for the first time on this
 machine: everything is compiled), and *warm*, with JAX's persistent compilation cache filled by an earlier,
 uncounted run of the same mode (what ``ntkcv train`` does on a rerun, and in a sweep after its first run).
-Each run is its own subprocess (peak RSS is its own); the arms alternate, and an arm's overhead is the median
-over ``--repeats`` of its ratio to the run without the monitor in the same repeat (this machine's load drifts, so
-adjacent runs compare best). Prints a markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``
+Each run is its own subprocess (peak RSS is its own). In each repeat a cache's three arms run back to back, in
+reversed order every other repeat, and an arm's overhead is the median over ``--repeats`` of its ratio to the run
+without the monitor in the same repeat (this machine's load drifts, so adjacent runs compare best). Prints a
+markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``
 (``monitor_overhead-<steps>-<machine>.json`` for other ``--steps``).
 """
 
@@ -103,10 +104,10 @@ def main() -> None:
         warm = {mode: str(pathlib.Path(caches) / mode) for mode in MODES}
         for mode in MODES:
             _run(mode, steps, warm[mode])  # fills this mode's cache; not counted
-        for _ in range(args.repeats):
-            for mode in MODES:
-                runs["cold"][mode].append(_run(mode, steps))
-                runs["warm"][mode].append(_run(mode, steps, warm[mode]))
+        for repeat in range(args.repeats):
+            for cache in CACHES:  # a cache's arms back to back, in reversed order every other repeat (drift cancels)
+                for mode in list(MODES)[:: 1 if repeat % 2 == 0 else -1]:
+                    runs[cache][mode].append(_run(mode, steps, warm[mode] if cache == "warm" else ""))
     summary = summarise(runs)
     print(table(summary, runs))
     for cache in CACHES:

@@ -95,4 +95,7 @@ def stored_program(jitted: Callable, args: tuple, key: str,
             os.replace(file.name, path)  # atomic: concurrent runs never read half a file
         except OSError as error:
             logger.warning("could not store the monitor program in %s (%s)", path.parent, error)
-    return jax.jit(lambda *call_args: exported.call(*jax.tree_util.tree_leaves(call_args))), loaded
+    def exported_call(*call_args):
+        return exported.call(*jax.tree_util.tree_leaves(call_args))
+
+    return jax.jit(exported_call), loaded

@@ -109,7 +109,7 @@ def test_a_rerun_loads_every_program_from_the_compilation_cache(tmp_path):
         stored.append([(path.name, path.stat().st_ino, path.stat().st_mtime_ns)
                        for path in (cache / "ntkcv-programs").iterdir()])
     programs = {name.split("-")[0] for name in entries[0]}
-    assert {"jit_train_step", "jit_call"} <= programs  # the train step and the monitor's (stored) program
+    assert {"jit_train_step", "jit_exported_call"} <= programs  # the train step and the monitor's (stored) program
     assert len(stored[0]) == 1 and stored[0][0][0].endswith(".jaxexport")
     assert entries[1] == entries[0]  # nothing was compiled anew
     assert stored[1] == stored[0]  # the monitor's program was loaded, not traced and stored again
