@@ -61,10 +61,11 @@ class _Costs:
     keyword arguments its tile functions take (``structured``: the coverage, whose trace of the model they reuse)."""
 
     def __init__(self, f, params, x, profile: ModelProfile):
-        self.options = {Implementation.STRUCTURED: {"cover": structured.coverage(f, params, x)}}
-        self.flops = {impl: functools.partial(module.flops, profile, **self.options.get(impl, {}))
+        self.options = {impl: {} for impl in _MODULES}
+        self.options[Implementation.STRUCTURED] = {"cover": structured.coverage(f, params, x)}
+        self.flops = {impl: functools.partial(module.flops, profile, **self.options[impl])
                       for impl, module in _MODULES.items()}
-        self.tile_bytes = {impl: functools.partial(module.tile_bytes, profile, **self.options.get(impl, {}))
+        self.tile_bytes = {impl: functools.partial(module.tile_bytes, profile, **self.options[impl])
                            for impl, module in _MODULES.items()}
         self.split_bytes = functools.partial(structured.split_bytes, profile,
                                              **self.options[Implementation.STRUCTURED])
@@ -173,7 +174,7 @@ def ntk_fn(
         their own."""
         n1, num_devices = x1.shape[0], len(jax.local_devices())
         n2 = n1 if x2 is None else x2.shape[0]
-        module, tile_bytes, options = _MODULES[chosen], costs.tile_bytes[chosen], costs.options.get(chosen, {})
+        module, tile_bytes, options = _MODULES[chosen], costs.tile_bytes[chosen], costs.options[chosen]
         if chosen is Implementation.STRUCTURED and tile_bytes(-(-n1 // num_devices), n2) > budget:
             stored, build_bytes, contract_bytes = costs.split_bytes(n1, n2, same=x2 is None)
             samples = n1 if x2 is None else n1 + n2
@@ -197,7 +198,7 @@ def ntk_fn(
     def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
         with jax.default_matmul_precision(precision):
             layout, f, costs, chosen, budget = prepare(params, x, None)
-            tile_bytes, module, options = costs.tile_bytes[chosen], _MODULES[chosen], costs.options.get(chosen, {})
+            tile_bytes, module, options = costs.tile_bytes[chosen], _MODULES[chosen], costs.options[chosen]
             tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
             diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t, **options), x, tile)
             return _nan_if_nonfinite(layout.unflatten_diagonal(diag), warn)
