@@ -58,17 +58,18 @@ def program_key(model_fn: Callable, args: tuple, settings: dict[str, Any]) -> st
     return digest.hexdigest()
 
 
-def stored_program(jitted: Callable, args: tuple, key: str,
-                   directory: str | os.PathLike | None = None) -> tuple[jax.stages.Wrapped, bool]:
-    """``jitted``'s program for ``args`` (jitted, so ``.lower(*args).compile()`` compiles it ahead of a call) and
-    whether it was loaded: deserialised from the store when there, else exported (traced) and stored.
+def stored_program(fn: Callable, args: tuple, key: str, directory: str | os.PathLike | None = None,
+                   compiler_options: dict[str, Any] | None = None) -> tuple[jax.stages.Wrapped, bool]:
+    """``fn``'s program for ``args``, jitted with ``compiler_options`` (so ``.lower(*args).compile()`` compiles it
+    ahead of a call), and whether it was loaded: deserialised from the store when there, else exported (traced)
+    and stored. ``fn`` is a Python function or a ``jax.jit`` without compiler options (jax.export nests it in a jit).
 
     The store is ``directory`` (default: JAX's ``jax_compilation_cache_dir``) / ``ntkcv-programs``. Without one,
-    and when the program cannot be exported, ``jitted`` itself (traced as usual) is returned.
+    and when the program cannot be exported, ``fn`` itself is jitted (traced as usual).
     """
     directory = directory or jax.config.jax_compilation_cache_dir
     if not directory:
-        return jitted, False
+        return jax.jit(fn, compiler_options=compiler_options), False
     path = pathlib.Path(directory) / STORE_NAME / f"{key}.jaxexport"
     leaves, tree = jax.tree_util.tree_flatten(args)  # exported over the leaves: any pytree (nnx.State too)
     try:
@@ -82,12 +83,11 @@ def stored_program(jitted: Callable, args: tuple, key: str,
         exported, loaded = None, False
     if exported is None:
         try:
-            exported = jax.export.export(jax.jit(lambda *flat: jitted(*jax.tree_util.tree_unflatten(tree, flat))))(
-                *leaves)
+            exported = jax.export.export(jax.jit(lambda *flat: fn(*jax.tree_util.tree_unflatten(tree, flat))))(*leaves)
             blob = exported.serialize()
         except Exception as error:  # e.g. a host callback or a custom call jax.export refuses
             logger.debug("monitor program not exportable (%s); traced in every run", error)
-            return jitted, False
+            return jax.jit(fn, compiler_options=compiler_options), False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
@@ -98,4 +98,4 @@ def stored_program(jitted: Callable, args: tuple, key: str,
     def exported_call(*call_args):
         return exported.call(*jax.tree_util.tree_leaves(call_args))
 
-    return jax.jit(exported_call), loaded
+    return jax.jit(exported_call, compiler_options=compiler_options), loaded

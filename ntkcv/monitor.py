@@ -31,6 +31,7 @@ from ntkcv.cv import collective_variables, spectrum, weight_spectra
 from ntkcv.cv.estimators import entropy_slq, trace_hutchpp
 from ntkcv.models import Model
 from ntkcv.ntk import matvec_flops, ntk_fn, ntk_operator
+from ntkcv.ntk.compilation import quick_compile_options
 from ntkcv.ntk.layout import output_layout
 from ntkcv.schedule import Schedule
 
@@ -199,7 +200,8 @@ class NTKMonitor:
                 self.apply_fn, params, x, trace_axes=trace_axes, num_probes=num_probes, num_matvecs=num_matvecs))
             return (estimated if use_estimators else exact)(params, x, labels)
 
-        self._compute = jax.jit(compute)
+        self._compute = compute  # jitted by _program, with the quick options: a first run compiles it beside the
+        self._compile_options = quick_compile_options()  # training step, on the same cores
         self._settings = {"cvs": self.cvs, "matrix_free": matrix_free, "num_probes": num_probes,
                           "num_matvecs": num_matvecs, "seed": seed, "log_spectrum": log_spectrum,
                           "trace_axes": tuple(trace_axes), "implementation": str(implementation),
@@ -249,8 +251,8 @@ class NTKMonitor:
         args = (params, x, self.labels)
         signature = argument_signature(args)
         if signature not in self._programs:
-            program, loaded = stored_program(self._compute, args,
-                                             program_key(self.apply_fn, args, self._settings))
+            program, loaded = stored_program(self._compute, args, program_key(self.apply_fn, args, self._settings),
+                                             compiler_options=self._compile_options)
             self.trace_count += loaded
             self._programs[signature] = program
         return self._programs[signature]

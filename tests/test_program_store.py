@@ -74,7 +74,10 @@ def test_a_stored_program_is_loaded_without_tracing(tmp_path):
 def test_without_a_directory_or_with_a_broken_file_the_program_is_traced(tmp_path, caplog):
     jitted, traces = _counting_kernel()
     with jax_cache_dir(None):
-        assert stored_program(jitted, (PARAMS, X), "k") == (jitted, False)
+        program, loaded = stored_program(jitted, (PARAMS, X), "k")
+        assert not loaded and not (tmp_path / STORE_NAME).exists()
+        np.testing.assert_allclose(program(PARAMS, X), ntkcv.ntk_fn(model)(PARAMS, X), rtol=1e-6)
+    jitted, traces = _counting_kernel()
     (tmp_path / STORE_NAME).mkdir()
     (tmp_path / STORE_NAME / "k.jaxexport").write_bytes(b"truncated")
     with caplog.at_level(logging.WARNING, logger="ntkcv.monitor"):

@@ -158,10 +158,12 @@ def ntk_fn(
     def prepare(params, x1, x2):
         num_params = check_params(params)
         check_inputs(x1, x2)
+        # shapes only, so outside the precision context: a caller's own eval_shape of apply_fn is reused, not redone
         layout = output_layout(apply_fn, params, x1, trace_axes)
         f = canonical_fn(apply_fn, layout)
-        profile = profile_model(f, params, x1, layout.kept_size, layout.traced_size, num_params)
-        costs = _Costs(f, params, x1, profile)
+        with jax.default_matmul_precision(precision):
+            profile = profile_model(f, params, x1, layout.kept_size, layout.traced_size, num_params)
+            costs = _Costs(f, params, x1, profile)
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
         chosen = _choose(costs, n1, n2) if impl is Implementation.AUTO else impl
@@ -189,15 +191,15 @@ def ntk_fn(
 
     @jax.jit
     def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
+        layout, f, costs, chosen, budget = prepare(params, x1, x2)
         with jax.default_matmul_precision(precision):
-            layout, f, costs, chosen, budget = prepare(params, x1, x2)
             kernel = tiled(f, params, x1, x2, costs, chosen, budget)
             return _nan_if_nonfinite(layout.unflatten_kernel(kernel), warn)
 
     @jax.jit
     def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
+        layout, f, costs, chosen, budget = prepare(params, x, None)
         with jax.default_matmul_precision(precision):
-            layout, f, costs, chosen, budget = prepare(params, x, None)
             tile_bytes, module, options = costs.tile_bytes[chosen], _MODULES[chosen], costs.options[chosen]
             tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
             diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t, **options), x, tile)

@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from ntkcv.ntk.compilation import quick_compile_options
+
 logger = logging.getLogger("ntkcv.ntk")
 
 
@@ -32,8 +34,10 @@ def profile_model(f: Callable, params: Any, x: jax.Array, kept: int, traced: int
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x[:1]))
     flops, activations = 2.0 * num_params, kept * traced * itemsize
     try:
-        # LLVM's optimisation level changes neither analysis (both read the optimised HLO): compiled faster at 0
-        compiled = jax.jit(f).lower(*abstract).compile(compiler_options={"xla_backend_optimization_level": 0})
+        # neither LLVM's optimisation level nor the fusion emitters change the analyses (both read the optimised
+        # HLO): compiled faster at level 0 with the quick options
+        options = {**quick_compile_options(), "xla_backend_optimization_level": 0}
+        compiled = jax.jit(f).lower(*abstract).compile(compiler_options=options)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = max(float(cost.get("flops", flops)), flops)

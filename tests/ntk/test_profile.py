@@ -10,7 +10,8 @@ from tests.ntk.models import make_case
 
 @pytest.mark.parametrize("case", ["mlp_tanh", "cnn", "sequence"])
 def test_profile_equals_the_analysis_of_a_default_compile(case):
-    """The profile compiles at LLVM optimisation level 0 (faster); XLA's analyses must not change with it."""
+    """The profile compiles at LLVM optimisation level 0 with the quick CPU options (faster); XLA's analyses must not
+    change with them."""
     model, x, _ = make_case(case)
     layout = output_layout(model.apply_fn, model.params, x, (-1,))
     f = canonical_fn(model.apply_fn, layout)

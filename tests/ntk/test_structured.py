@@ -204,3 +204,24 @@ def test_cost_model_prefers_structured_for_the_reference_mlp():
     profile = ModelProfile(1, 10, cover.covered_size, 4, 2.0 * cover.covered_size, 40_000)
     assert structured.flops(profile, 256, 256, cover) < jacobian.flops(profile, 256, 256) / 10
     assert structured.tile_bytes(profile, 256, 256, cover) < jacobian.tile_bytes(profile, 256, 256) / 10
+
+
+def test_ntk_fn_reuses_a_callers_abstract_evaluation_of_the_model():
+    """The output layout is read outside the precision context, so a caller's own ``jax.eval_shape`` of the model
+    (the monitor checks its probes with one) is reused: one trace of the model fewer."""
+    model, x, _ = make_case("mlp_tanh")
+
+    def model_traces(evaluated_first: bool) -> int:
+        traces = []
+
+        def apply_fn(p, x):
+            traces.append(1)
+            return model.apply_fn(p, x)
+
+        if evaluated_first:
+            jax.eval_shape(apply_fn, model.params, x)
+            traces.clear()
+        ntkcv.ntk_fn(apply_fn).trace(model.params, x)
+        return len(traces)
+
+    assert model_traces(True) == model_traces(False) - 1
