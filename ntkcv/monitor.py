@@ -106,11 +106,12 @@ class NTKMonitor:
     every call and, when the schedule fires, the CVs under ``cv/…``; it returns what it wrote in this
     call as host floats (the CVs of this step unless ``asynchronous``; then those finished since the
     last call, see :attr:`latest` for the newest value of every name). The computation is jitted once
-    per probe shape (:attr:`trace_count` counts the programs made); results are fetched with one
-    ``jax.device_get`` per firing. While JAX's persistent compilation cache is on (``jax_compilation_cache_dir``;
-    ``ntkcv train`` turns it on), the traced program is also stored beside it with :mod:`jax.export`, so a
-    later run of the same model, shapes and settings neither traces nor compiles it. Non-finite CVs are
-    logged as NaN with a warning; they never raise.
+    per probe shape (:attr:`trace_count` counts the programs made; on CPU with the quicker-compiling options of
+    :func:`ntkcv.ntk.compilation.quick_compile_options`); results are fetched with one ``jax.device_get`` per
+    firing. While JAX's persistent compilation cache is on (``jax_compilation_cache_dir``; ``ntkcv train`` turns
+    it on), the traced program is also stored beside it with :mod:`jax.export`, so a later run of the same model,
+    shapes and settings neither traces nor compiles it. Non-finite CVs are logged as NaN with a warning; they
+    never raise.
     """
 
     def __init__(

@@ -1,0 +1,116 @@
+"""Compile time of the monitor's program with XLA's default compile options and with ntkcv's quick CPU options.
+
+    python -m benchmarks.monitor_compile              # the default MLP, the CNN and the transformer configs
+    python -m benchmarks.monitor_compile --repeats 5
+
+A run's first firing compiles the monitor's program while the training step compiles, on the same cores, so its
+compile time is part of the monitor's overhead on a first run. Each repeat is a fresh process (an empty in-memory
+cache, no persistent cache) that builds the monitor of a config (its model, probes and CVs), lowers its program
+once and compiles it twice: with the options the monitor uses (:func:`ntkcv.ntk.compilation.quick_compile_options`)
+and with none, the first compile alternating between the two from repeat to repeat. Then it times 30 runs of each
+executable, alternating, and reads the CVs of both. Prints a markdown table (medians over repeats; CPU is the
+process's CPU time during the compile, as XLA compiles on more than one thread) and writes
+``benchmarks/results/monitor_compile-<machine>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {"mlp": None, "cnn": "configs/cnn_digits.yaml", "transformer": "configs/transformer_digits.yaml"}
+VARIANTS = ("default", "quick")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _child(name: str, first: str) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import ntkcv
+    from ntkcv.config import load_config
+    from ntkcv.data import load_dataset, probe_subset
+    from ntkcv.ntk.compilation import quick_compile_options
+    from ntkcv.train import _model_options
+    from ntkcv.zoo import make_model
+
+    config = load_config(CONFIGS[name], {})
+    d = config.data
+    data = load_dataset(d.name, path=d.path, train_size=d.train_size, test_size=d.test_size, seed=config.train.seed,
+                        subset_seed=d.subset_seed, indices=d.indices)
+    module = make_model(config.model.kind, num_outputs=data.num_classes, **_model_options(config))
+    params = module.init(jax.random.key(config.train.seed), jnp.asarray(data.x_train[:1]))["params"]
+    x, labels = probe_subset(data.x_train, data.y_train, d.probe_size, config.train.seed)
+    monitor = ntkcv.NTKMonitor(lambda p, x: module.apply({"params": p}, x), x, labels=labels, cvs=config.monitor.cvs)
+    args = (params, monitor.probes, monitor.labels)
+    lowered = jax.jit(monitor._compute).lower(*args)  # the monitor's program, compiled here with either options
+    options = {"default": {}, "quick": quick_compile_options()}
+    result = {}
+    for variant in (first, *(v for v in VARIANTS if v != first)):
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        compiled = lowered.compile(compiler_options=options[variant])
+        result[variant] = {"compile_seconds": time.perf_counter() - start, "compile_cpu_seconds": _cpu_seconds() - cpu,
+                           "compiled_first": variant == first, "program": compiled, "runs": []}
+    for _ in range(30):  # the two executables alternate, so this machine's drift falls on both
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            jax.block_until_ready(result[variant]["program"](*args))
+            result[variant]["runs"].append(time.perf_counter() - start)
+    for r in result.values():
+        values, _ = jax.device_get(r.pop("program")(*args))
+        r.update(run_ms=1e3 * float(np.median(r.pop("runs"))), values={k: float(v) for k, v in values.items()})
+    print(json.dumps(result))
+
+
+def _run(name: str, first: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.monitor_compile", "--child", name, first],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "FIRST_VARIANT"))
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child)
+        return
+    from benchmarks.machine import write_result
+
+    runs = {name: {variant: [] for variant in VARIANTS} for name in CONFIGS}
+    for repeat in range(args.repeats):
+        for name in CONFIGS:
+            for variant, result in _run(name, VARIANTS[repeat % 2]).items():
+                runs[name][variant].append(result)
+    lines = ["| model | compile s, default → quick | compile CPU s, default → quick | run ms, default → quick | "
+             "largest relative difference of a CV |", "|---|---|---|---|---|"]
+    summary = {}
+    for name, by_variant in runs.items():
+        median = {variant: {key: statistics.median(r[key] for r in rs)
+                            for key in ("compile_seconds", "compile_cpu_seconds", "run_ms")}
+                  for variant, rs in by_variant.items()}
+        default, quick = by_variant["default"][0]["values"], by_variant["quick"][0]["values"]
+        difference = max(abs(quick[k] - v) / max(abs(v), 1e-30) for k, v in default.items())
+        summary[name] = {**median, "largest_relative_difference": difference}
+        d, q = median["default"], median["quick"]
+        lines.append(f"| {name} | {d['compile_seconds']:.3f} → {q['compile_seconds']:.3f} | "
+                     f"{d['compile_cpu_seconds']:.3f} → {q['compile_cpu_seconds']:.3f} | "
+                     f"{d['run_ms']:.2f} → {q['run_ms']:.2f} | {difference:.1e} |")
+    print("\n".join(lines))
+    path = write_result("monitor_compile", {"repeats": args.repeats, "runs": runs, "summary": summary})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
