@@ -11,7 +11,8 @@ machine: everything is compiled), and *warm*, with JAX's persistent compilation 
 uncounted run of the same mode (what ``ntkcv train`` does on a rerun, and in a sweep after its first run).
 Each run is its own subprocess (peak RSS is its own). In each repeat a cache's three arms run back to back, in
 reversed order every other repeat, and an arm's overhead is the median over ``--repeats`` of its ratio to the run
-without the monitor in the same repeat (this machine's load drifts, so adjacent runs compare best). Prints a
+without the monitor in the same repeat (this machine's load drifts, so adjacent runs compare best), with a 95 %
+bootstrap interval of that median. Prints a
 markdown table and writes ``benchmarks/results/monitor_overhead-<machine>.json``
 (``monitor_overhead-<steps>-<machine>.json`` for other ``--steps``).
 """
@@ -25,6 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 MODES = {"off": "without monitor", "on": "with monitor, asynchronous (default)",
          "sync": "with monitor, in the loop (monitor.asynchronous=false)"}
@@ -57,9 +60,18 @@ def _run(mode: str, steps: int, cache: str = "") -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_interval(values: list[float], *, draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median of ``values`` (percentiles of the medians of resamples)."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(np.asarray(values), size=(draws, len(values))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict:
     """Median seconds per arm, and each mode's overhead as the median over repeats of its ratio to the run without
-    the monitor made just before it (adjacent runs share the machine's load), with the range of those ratios."""
+    the monitor made just before it (adjacent runs share the machine's load), with the range of those ratios and a
+    95 % bootstrap interval of their median."""
     median = {cache: {mode: statistics.median(r["train_seconds"] for r in rs) for mode, rs in by_mode.items()}
               for cache, by_mode in runs.items()}
     ratios = {cache: {mode: [r["train_seconds"] / off["train_seconds"] - 1
@@ -67,7 +79,9 @@ def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict:
                       for mode, rs in by_mode.items() if mode != "off"} for cache, by_mode in runs.items()}
     overhead = {cache: {mode: statistics.median(rs) for mode, rs in by_mode.items()}
                 for cache, by_mode in ratios.items()}
-    return {"median_seconds": median, "overhead": overhead, "overhead_per_repeat": ratios}
+    interval = {cache: {mode: median_interval(rs) for mode, rs in by_mode.items()} for cache, by_mode in ratios.items()}
+    return {"median_seconds": median, "overhead": overhead, "overhead_interval": interval,
+            "overhead_per_repeat": ratios}
 
 
 def table(summary: dict, runs: dict[str, dict[str, list[dict]]]) -> str:
@@ -111,9 +125,10 @@ def main() -> None:
     summary = summarise(runs)
     print(table(summary, runs))
     for cache in CACHES:
-        overhead = summary["overhead"][cache]
-        print(f"\noverhead of the monitor ({steps} steps, {cache}): {overhead['on']:.1%} asynchronous, "
-              f"{overhead['sync']:.1%} in the loop")
+        overhead, interval = summary["overhead"][cache], summary["overhead_interval"][cache]
+        print(f"\noverhead of the monitor ({steps} steps, {cache}; median, 95 % interval of the median): "
+              f"{overhead['on']:.1%} [{interval['on'][0]:.1%}, {interval['on'][1]:.1%}] asynchronous, "
+              f"{overhead['sync']:.1%} [{interval['sync'][0]:.1%}, {interval['sync'][1]:.1%}] in the loop")
     suffix = "-quick" if args.quick else "" if steps == 1000 else f"-{steps}"
     path = write_result(f"monitor_overhead{suffix}",
                         {"steps": steps, "repeats": args.repeats, "runs": runs, **summary})
