@@ -1,4 +1,5 @@
-"""Compile time of the monitor's program with XLA's default compile options and with ntkcv's quick CPU options.
+"""Compile time of the monitor's program with XLA's default compile options and with ntkcv's quick CPU options (as
+for the monitor in the loop, and for its background compile when asynchronous).
 
     python -m benchmarks.monitor_compile              # the default MLP, the CNN and the transformer configs
     python -m benchmarks.monitor_compile --repeats 5
@@ -6,11 +7,11 @@
 A run's first firing compiles the monitor's program while the training step compiles, on the same cores, so its
 compile time is part of the monitor's overhead on a first run. Each repeat is a fresh process (an empty in-memory
 cache, no persistent cache) that builds the monitor of a config (its model, probes and CVs), lowers its program
-once and compiles it twice: with the options the monitor uses (:func:`ntkcv.ntk.compilation.quick_compile_options`)
-and with none, the first compile alternating between the two from repeat to repeat. Then it times 30 runs of each
-executable, alternating, and reads the CVs of both. Prints a markdown table (medians over repeats; CPU is the
-process's CPU time during the compile, as XLA compiles on more than one thread) and writes
-``benchmarks/results/monitor_compile-<machine>.json``.
+once and compiles it three times: with none, with the options the monitor uses in the loop and with those it uses
+in the background (:func:`ntkcv.ntk.compilation.quick_compile_options`), the first compile rotating among them from
+repeat to repeat. Then it times 30 runs of each executable, in turn, and reads the CVs of all three. Prints a
+markdown table (medians over repeats; CPU is the process's CPU time during the compile, as XLA compiles on more
+than one thread) and writes ``benchmarks/results/monitor_compile-<machine>.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import time
 
 CONFIGS = {"mlp": None, "cnn": "configs/cnn_digits.yaml", "transformer": "configs/transformer_digits.yaml"}
-VARIANTS = ("default", "quick")
+VARIANTS = ("default", "quick", "background")
 
 
 def _cpu_seconds() -> float:
@@ -54,14 +55,14 @@ def _child(name: str, first: str) -> None:
     monitor = ntkcv.NTKMonitor(lambda p, x: module.apply({"params": p}, x), x, labels=labels, cvs=config.monitor.cvs)
     args = (params, monitor.probes, monitor.labels)
     lowered = jax.jit(monitor._compute).lower(*args)  # the monitor's program, compiled here with either options
-    options = {"default": {}, "quick": quick_compile_options()}
+    options = {"default": {}, "quick": quick_compile_options(), "background": quick_compile_options(background=True)}
     result = {}
     for variant in (first, *(v for v in VARIANTS if v != first)):
         start, cpu = time.perf_counter(), _cpu_seconds()
         compiled = lowered.compile(compiler_options=options[variant])
         result[variant] = {"compile_seconds": time.perf_counter() - start, "compile_cpu_seconds": _cpu_seconds() - cpu,
                            "compiled_first": variant == first, "program": compiled, "runs": []}
-    for _ in range(30):  # the two executables alternate, so this machine's drift falls on both
+    for _ in range(30):  # the executables take turns, so this machine's drift falls on all
         for variant in VARIANTS:
             start = time.perf_counter()
             jax.block_until_ready(result[variant]["program"](*args))
@@ -91,22 +92,22 @@ def main() -> None:
     runs = {name: {variant: [] for variant in VARIANTS} for name in CONFIGS}
     for repeat in range(args.repeats):
         for name in CONFIGS:
-            for variant, result in _run(name, VARIANTS[repeat % 2]).items():
+            for variant, result in _run(name, VARIANTS[repeat % len(VARIANTS)]).items():
                 runs[name][variant].append(result)
-    lines = ["| model | compile s, default → quick | compile CPU s, default → quick | run ms, default → quick | "
-             "largest relative difference of a CV |", "|---|---|---|---|---|"]
+    lines = ["| model | compile s, default / quick / background | compile CPU s, default / quick / background | "
+             "run ms, default / quick / background | largest relative difference of a CV |", "|---|---|---|---|---|"]
     summary = {}
     for name, by_variant in runs.items():
         median = {variant: {key: statistics.median(r[key] for r in rs)
                             for key in ("compile_seconds", "compile_cpu_seconds", "run_ms")}
                   for variant, rs in by_variant.items()}
-        default, quick = by_variant["default"][0]["values"], by_variant["quick"][0]["values"]
-        difference = max(abs(quick[k] - v) / max(abs(v), 1e-30) for k, v in default.items())
+        default = by_variant["default"][0]["values"]
+        difference = max(abs(by_variant[variant][0]["values"][k] - v) / max(abs(v), 1e-30)
+                         for variant in VARIANTS for k, v in default.items())
         summary[name] = {**median, "largest_relative_difference": difference}
-        d, q = median["default"], median["quick"]
-        lines.append(f"| {name} | {d['compile_seconds']:.3f} → {q['compile_seconds']:.3f} | "
-                     f"{d['compile_cpu_seconds']:.3f} → {q['compile_cpu_seconds']:.3f} | "
-                     f"{d['run_ms']:.2f} → {q['run_ms']:.2f} | {difference:.1e} |")
+        cells = [" / ".join(f"{median[variant][key]:{form}}" for variant in VARIANTS)
+                 for key, form in (("compile_seconds", ".3f"), ("compile_cpu_seconds", ".3f"), ("run_ms", ".2f"))]
+        lines.append(f"| {name} | {' | '.join(cells)} | {difference:.1e} |")
     print("\n".join(lines))
     path = write_result("monitor_compile", {"repeats": args.repeats, "runs": runs, "summary": summary})
     print(f"wrote {path}")

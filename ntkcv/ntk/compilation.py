@@ -22,21 +22,28 @@ logger = logging.getLogger("ntkcv.ntk")
 #: Options that make XLA's CPU compiler faster without changing what the program computes or how fast it runs.
 QUICK_CPU_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 
+#: Added for a compile in the background of a training loop: code generation on one thread (one LLVM module), so
+#: the compile leaves the other cores to the loop, which is compiling its own step at the same moment. The compile
+#: itself takes longer in wall time and less in CPU time (``python -m benchmarks.monitor_compile``).
+BACKGROUND_CPU_OPTIONS: dict[str, Any] = {"xla_cpu_parallel_codegen_split_count": 1}
+
 
 @functools.cache
-def _cpu_accepts_quick_options() -> bool:
-    """Whether this XLA knows :data:`QUICK_CPU_OPTIONS` (an unknown option fails every compile that names it)."""
+def _cpu_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether this XLA knows all ``options`` (an unknown option fails every compile that names it)."""
     try:
         one = jax.device_put(np.float32(1), jax.local_devices(backend="cpu")[0])
-        jax.jit(lambda a: a + 1).lower(one).compile(compiler_options=QUICK_CPU_OPTIONS)
-    except Exception as error:  # a newer XLA without the option: compile as usual
-        logger.debug("XLA does not accept %s (%s); compiling with its defaults", QUICK_CPU_OPTIONS, error)
+        jax.jit(lambda a: a + 1).lower(one).compile(compiler_options=dict(options))
+    except Exception as error:  # a newer XLA without one of them: compile as usual
+        logger.debug("XLA does not accept %s (%s); compiling with its defaults", dict(options), error)
         return False
     return True
 
 
-def quick_compile_options(backend: str | None = None) -> dict[str, Any]:
+def quick_compile_options(backend: str | None = None, *, background: bool = False) -> dict[str, Any]:
     """Compile options for ``backend`` (default: JAX's default backend) that shorten compilation without slowing
-    the program: :data:`QUICK_CPU_OPTIONS` on CPU when this XLA accepts them, otherwise none."""
+    the program: :data:`QUICK_CPU_OPTIONS` on CPU, with :data:`BACKGROUND_CPU_OPTIONS` for a compile that runs
+    beside a training loop (``background``), when this XLA accepts them; otherwise none."""
     backend = backend or jax.default_backend()
-    return dict(QUICK_CPU_OPTIONS) if backend == "cpu" and _cpu_accepts_quick_options() else {}
+    options = {**QUICK_CPU_OPTIONS, **(BACKGROUND_CPU_OPTIONS if background else {})}
+    return options if backend == "cpu" and _cpu_accepts(tuple(sorted(options.items()))) else {}

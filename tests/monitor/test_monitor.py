@@ -278,15 +278,20 @@ def test_blas_threads_are_limited_while_the_monitor_is_open_and_restored_at_clos
 
 
 @pytest.mark.parametrize("stored", [False, True])
-def test_the_monitor_compiles_its_program_with_the_quick_options(monkeypatch, tmp_path, stored):
-    """The options reach the compiler on the traced path and on the stored one (an option XLA does not know fails
-    the compile, so reaching it is visible)."""
-    apply_fn, params, x = _model()
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_monitor_compiles_its_program_with_the_quick_options(monkeypatch, tmp_path, stored, asynchronous):
+    """The options (for a background compile when asynchronous) reach the compiler on the traced path and on the
+    stored one (an option XLA does not know fails the compile, so reaching it is visible)."""
     from tests.test_program_store import jax_cache_dir
 
-    monkeypatch.setattr("ntkcv.monitor.quick_compile_options", lambda: {"xla_no_such_option_anywhere": True})
+    apply_fn, params, x = _model()
+    asked = []
+    monkeypatch.setattr("ntkcv.monitor.quick_compile_options",
+                        lambda **kwargs: asked.append(kwargs) or {"xla_no_such_option_anywhere": True})
     with jax_cache_dir(str(tmp_path) if stored else ""):
-        monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",))
+        monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",), asynchronous=asynchronous)
         with pytest.raises(Exception, match="xla_no_such_option_anywhere"):
             monitor(0, params)
+            monitor.close()
+    assert asked == [{"background": asynchronous}]
     assert any(tmp_path.rglob("*.jaxexport")) == stored
