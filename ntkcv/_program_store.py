@@ -67,9 +67,10 @@ def stored_program(fn: Callable, args: tuple, key: str, directory: str | os.Path
     The store is ``directory`` (default: JAX's ``jax_compilation_cache_dir``) / ``ntkcv-programs``. Without one,
     and when the program cannot be exported, ``fn`` itself is jitted (traced as usual).
     """
+    traced = jax.jit(fn, compiler_options=compiler_options)  # nothing is traced until it is lowered or called
     directory = directory or jax.config.jax_compilation_cache_dir
     if not directory:
-        return jax.jit(fn, compiler_options=compiler_options), False
+        return traced, False
     path = pathlib.Path(directory) / STORE_NAME / f"{key}.jaxexport"
     leaves, tree = jax.tree_util.tree_flatten(args)  # exported over the leaves: any pytree (nnx.State too)
     try:
@@ -87,7 +88,7 @@ def stored_program(fn: Callable, args: tuple, key: str, directory: str | os.Path
             blob = exported.serialize()
         except Exception as error:  # e.g. a host callback or a custom call jax.export refuses
             logger.debug("monitor program not exportable (%s); traced in every run", error)
-            return jax.jit(fn, compiler_options=compiler_options), False
+            return traced, False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:

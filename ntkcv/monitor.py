@@ -201,9 +201,9 @@ class NTKMonitor:
                 self.apply_fn, params, x, trace_axes=trace_axes, num_probes=num_probes, num_matvecs=num_matvecs))
             return (estimated if use_estimators else exact)(params, x, labels)
 
-        self._compute = compute  # jitted by _program with the quick options: a first run compiles it beside the
-        # training step, on the same cores (asynchronous: on one thread, leaving the loop the others)
-        self._compile_options = quick_compile_options(background=asynchronous)
+        # jitted by _program with the quick options: a first run compiles it beside the training step, on the same
+        # cores (asynchronous: on one thread, leaving the loop the others)
+        self._compute, self._compile_options = compute, quick_compile_options(background=asynchronous)
         self._settings = {"cvs": self.cvs, "matrix_free": matrix_free, "num_probes": num_probes,
                           "num_matvecs": num_matvecs, "seed": seed, "log_spectrum": log_spectrum,
                           "trace_axes": tuple(trace_axes), "implementation": str(implementation),
