@@ -90,7 +90,8 @@ class NTKMonitor:
       log_spectrum: also write the eigenvalue spectrum as an array (a histogram in TensorBoard).
       weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``).
       trace_axes, implementation: passed to :func:`ntkcv.ntk_fn`.
-      sinks: objects with ``write_scalars``, ``write_arrays``, ``flush`` and ``close``.
+      sinks: objects with ``write_scalars``, ``write_arrays``, ``flush`` and ``close``, kept in the list
+        :attr:`sinks`; a sink appended to it later receives what is written from then on.
       blas_threads: threads of the BLAS/LAPACK libraries (OpenBLAS, MKL, via ``threadpoolctl``) from
         construction to :meth:`close`; they run the CPU eigendecomposition. ``1`` (default): OpenBLAS's idle
         threads busy-wait after each call, on the cores the training loop and XLA need (on 2 cores the

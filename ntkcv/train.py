@@ -129,49 +129,85 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
     module = make_model(config.model.kind, num_outputs=num_outputs, **_model_options(config))
     key = jax.random.key(config.train.seed)
     params = module.init(key, jnp.asarray(data.x_train[:1]))["params"]
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
-    opt_state = optimizer.init(params)
-    loss_fn = _loss_fn(config.train.loss, data.num_classes)
 
     def apply_fn(p, x):
         return module.apply({"params": p}, x)
 
-    @jax.jit
-    def train_step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    # made before the rest of the set-up: an asynchronous monitor compiles its program in the background meanwhile
+    monitor = _make_monitor(config, data, ntkcv.from_function(apply_fn, params))
+    with monitor:  # closes the sinks, also when the set-up below fails
+        optimizer = make_optimizer(config.optimizer, config.train.steps)
+        opt_state = optimizer.init(params)
+        loss_fn = _loss_fn(config.train.loss, data.num_classes)
 
-    @jax.jit
-    def evaluate(params, x, y):
-        logits = apply_fn(params, x)
-        metrics = {"loss": loss_fn(logits, y)}
-        if data.task == "classification":
-            metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
-        return metrics
+        @jax.jit
+        def train_step(params, opt_state, x, y):
+            loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
 
-    every, final_step = config.output.checkpoint_every, config.train.steps - 1
-    checkpoints = ocp.CheckpointManager(  # after every `every` updates and after the last one
-        run_dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            should_save_fn=lambda step, _: (step + 1) % every == 0 or step == final_step, max_to_keep=2))
-    start = 0
-    if resume and checkpoints.latest_step() is not None:
-        last = checkpoints.latest_step()
-        state = checkpoints.restore(last, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
-        params, opt_state, start = state["params"], state["opt_state"], last + 1
-    elif not resume and checkpoints.latest_step() is not None:
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another "
-                              "output.dir")
+        @jax.jit
+        def evaluate(params, x, y):
+            logits = apply_fn(params, x)
+            metrics = {"loss": loss_fn(logits, y)}
+            if data.task == "classification":
+                metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
+            return metrics
 
-    sinks = []
-    if config.output.tensorboard:
-        sinks.append(TensorBoardSink(str(run_dir / "tensorboard"), purge_step=start if resume else None))
-    if config.output.hdf5:
-        sinks.append(HDF5Sink(run_dir / "ntkcv.h5", resume_from_step=start if resume else None))
-    if config.output.progress:
-        sinks.append(ConsoleSink(config.train.steps, console=console))
+        every, final_step = config.output.checkpoint_every, config.train.steps - 1
+        checkpoints = ocp.CheckpointManager(  # after every `every` updates and after the last one
+            run_dir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(
+                should_save_fn=lambda step, _: (step + 1) % every == 0 or step == final_step, max_to_keep=2))
+        try:
+            start = 0
+            if resume and checkpoints.latest_step() is not None:
+                last = checkpoints.latest_step()
+                state = checkpoints.restore(
+                    last, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
+                params, opt_state, start = state["params"], state["opt_state"], last + 1
+            elif not resume and checkpoints.latest_step() is not None:
+                raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose "
+                                      "another output.dir")
+            if config.output.tensorboard:
+                monitor.sinks.append(TensorBoardSink(str(run_dir / "tensorboard"),
+                                                     purge_step=start if resume else None))
+            if config.output.hdf5:
+                monitor.sinks.append(HDF5Sink(run_dir / "ntkcv.h5", resume_from_step=start if resume else None))
+            if config.output.progress:
+                monitor.sinks.append(ConsoleSink(config.train.steps, console=console))
 
+            x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+            started = time.perf_counter()
+            test_metrics: dict[str, float] = {}
+            for step in range(start, config.train.steps):
+                batch = _batch_indices(step, x_train.shape[0], config.train.batch_size, config.train.seed)
+                new_params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
+                scalars = {"loss": loss}
+                if (step + 1) % config.train.eval_every == 0 or step == config.train.steps - 1:
+                    test_metrics = jax.device_get(evaluate(new_params, jnp.asarray(data.x_test),
+                                                           jnp.asarray(data.y_test)))
+                    scalars.update({f"test_{name}": value for name, value in test_metrics.items()})
+                monitor(step, params, **scalars)
+                params = new_params
+                if checkpoints.should_save(step):  # logs up to a checkpoint must survive a crash after it
+                    monitor.flush()
+                checkpoints.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+            checkpoints.wait_until_finished()
+            monitor.flush()
+            final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
+            final |= {f"final/{k}": v for k, v in monitor.latest.items() if k.startswith("cv/")}
+            for sink in monitor.sinks:
+                sink.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                                    for key, value in flatten(to_dict(config)).items()}, final)
+        finally:
+            checkpoints.close()
+    return {"run_dir": str(run_dir), "tensorboard": str(run_dir / "tensorboard"), "hdf5": str(run_dir / "ntkcv.h5"),
+            "steps": config.train.steps, "resumed_from": start, "seconds": time.perf_counter() - started, **final}
+
+
+def _make_monitor(config: RunConfig, data: Any, model: ntkcv.Model) -> NTKMonitor:
+    """The run's NTK monitor, without sinks (the caller adds them to ``monitor.sinks``)."""
     if config.data.probe_set == "train":  # the NTK on the training data itself (the CV studies' kernel)
         x_probe, y_probe = data.x_train, data.y_train
     else:
@@ -179,44 +215,15 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
     labels = y_probe if data.task == "classification" else None
     cvs = tuple(name for name in config.monitor.cvs if labels is not None or "alignment" not in name)
     cvs = cvs if config.monitor.enabled else ()
-    log_spaced = (1, config.train.steps, config.monitor.log_spaced) if config.monitor.log_spaced else None
-    monitor = NTKMonitor(
-        ntkcv.from_function(apply_fn, params), x_probe, labels=labels, cvs=cvs,
-        schedule=Schedule(every_steps=config.monitor.every_steps, on_steps=(config.train.steps - 1,),
-                          log_spaced=log_spaced),
+    steps = config.train.steps
+    log_spaced = (1, steps, config.monitor.log_spaced) if config.monitor.log_spaced else None
+    return NTKMonitor(
+        model, x_probe, labels=labels, cvs=cvs,
+        schedule=Schedule(every_steps=config.monitor.every_steps, on_steps=(steps - 1,), log_spaced=log_spaced),
         matrix_free=config.monitor.matrix_free, log_spectrum=config.monitor.spectrum,
         weight_metrics=config.monitor.weight_metrics and config.monitor.enabled, trace_axes=config.monitor.trace_axes,
-        implementation=config.monitor.implementation, sinks=sinks, blas_threads=config.monitor.blas_threads,
+        implementation=config.monitor.implementation, blas_threads=config.monitor.blas_threads,
         asynchronous=config.monitor.asynchronous)
-
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    started = time.perf_counter()
-    test_metrics: dict[str, float] = {}
-    try:
-        for step in range(start, config.train.steps):
-            batch = _batch_indices(step, x_train.shape[0], config.train.batch_size, config.train.seed)
-            new_params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
-            scalars = {"loss": loss}
-            if (step + 1) % config.train.eval_every == 0 or step == config.train.steps - 1:
-                test_metrics = jax.device_get(evaluate(new_params, jnp.asarray(data.x_test), jnp.asarray(data.y_test)))
-                scalars.update({f"test_{name}": value for name, value in test_metrics.items()})
-            monitor(step, params, **scalars)
-            params = new_params
-            if checkpoints.should_save(step):  # logs up to a checkpoint must survive a crash after it
-                monitor.flush()
-            checkpoints.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-        checkpoints.wait_until_finished()
-        monitor.flush()
-        final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
-        final |= {f"final/{k}": v for k, v in monitor.latest.items() if k.startswith("cv/")}
-        for sink in sinks:
-            sink.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                                for key, value in flatten(to_dict(config)).items()}, final)
-    finally:
-        monitor.close()
-        checkpoints.close()
-    return {"run_dir": str(run_dir), "tensorboard": str(run_dir / "tensorboard"), "hdf5": str(run_dir / "ntkcv.h5"),
-            "steps": config.train.steps, "resumed_from": start, "seconds": time.perf_counter() - started, **final}
 
 
 def _model_options(config: RunConfig) -> dict[str, Any]:

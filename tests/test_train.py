@@ -5,6 +5,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -45,6 +46,8 @@ def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
     assert (summary.parent / "spectrum.png").stat().st_size > 1000
     with pytest.raises(FileExistsError, match="--resume"):
         train(config)
+    # the monitor, made (and compiling in the background) before the set-up that failed, was closed
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("ntkcv-monitor")]
 
 
 def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
