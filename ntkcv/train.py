@@ -109,10 +109,6 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
           console: Any = None) -> dict[str, Any]:
     """Train as configured (in ``run_dir``, default: the resolved ``output.dir``); returns the final metrics
     and where the logs are."""
-    import orbax.checkpoint as ocp
-
-    from ntkcv.sinks import ConsoleSink, HDF5Sink, TensorBoardSink
-
     run_dir = resolve_run_dir(config.output.dir, resume=resume) if run_dir is None else pathlib.Path(run_dir)
     use_compilation_cache(config.output.compilation_cache)
     try:
@@ -128,14 +124,20 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
         raise ValueError(f"data set {config.data.name!r} is a regression task: set train.loss to 'mse'")
     module = make_model(config.model.kind, num_outputs=num_outputs, **_model_options(config))
     key = jax.random.key(config.train.seed)
-    params = module.init(key, jnp.asarray(data.x_train[:1]))["params"]
+    # jitted: one compilation (kept by the persistent cache) instead of one per initialiser op, eagerly
+    params = jax.jit(module.init)(key, jnp.asarray(data.x_train[:1]))["params"]
 
     def apply_fn(p, x):
         return module.apply({"params": p}, x)
 
-    # made before the rest of the set-up: an asynchronous monitor compiles its program in the background meanwhile
+    # made before the rest of the set-up (imports included): an asynchronous monitor compiles its program in the
+    # background meanwhile
     monitor = _make_monitor(config, data, ntkcv.from_function(apply_fn, params))
     with monitor:  # closes the sinks, also when the set-up below fails
+        import orbax.checkpoint as ocp
+
+        from ntkcv.sinks import ConsoleSink, HDF5Sink, TensorBoardSink
+
         optimizer = make_optimizer(config.optimizer, config.train.steps)
         opt_state = optimizer.init(params)
         loss_fn = _loss_fn(config.train.loss, data.num_classes)
