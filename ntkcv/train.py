@@ -22,7 +22,7 @@ import optax
 
 import ntkcv
 from ntkcv.config import OptimizerConfig, RunConfig, flatten, to_dict
-from ntkcv.data import load_dataset, probe_subset
+from ntkcv.data import Dataset, load_dataset, probe_subset
 from ntkcv.monitor import NTKMonitor
 from ntkcv.schedule import Schedule
 from ntkcv.zoo import make_model
@@ -180,6 +180,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
                 monitor.sinks.append(ConsoleSink(config.train.steps, console=console))
 
             x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+            x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)  # on the device once, not per eval
             started = time.perf_counter()
             test_metrics: dict[str, float] = {}
             for step in range(start, config.train.steps):
@@ -187,8 +188,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
                 new_params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
                 scalars = {"loss": loss}
                 if (step + 1) % config.train.eval_every == 0 or step == config.train.steps - 1:
-                    test_metrics = jax.device_get(evaluate(new_params, jnp.asarray(data.x_test),
-                                                           jnp.asarray(data.y_test)))
+                    test_metrics = jax.device_get(evaluate(new_params, x_test, y_test))
                     scalars.update({f"test_{name}": value for name, value in test_metrics.items()})
                 monitor(step, params, **scalars)
                 params = new_params
@@ -208,7 +208,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
             "steps": config.train.steps, "resumed_from": start, "seconds": time.perf_counter() - started, **final}
 
 
-def _make_monitor(config: RunConfig, data: Any, model: ntkcv.Model) -> NTKMonitor:
+def _make_monitor(config: RunConfig, data: Dataset, model: ntkcv.Model) -> NTKMonitor:
     """The run's NTK monitor, without sinks (the caller adds them to ``monitor.sinks``)."""
     if config.data.probe_set == "train":  # the NTK on the training data itself (the CV studies' kernel)
         x_probe, y_probe = data.x_train, data.y_train
