@@ -7,11 +7,14 @@ import pathlib
 import h5py
 import numpy as np
 
+from ntkcv.sinks.hdf5 import open_store
+
 
 def read_scalars(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{name: (steps, values)}`` for every scalar in the store (readable while a run writes it)."""
+    """``{name: (steps, values)}`` for every scalar in the store (readable while a run writes it; a store whose
+    writer died is repaired first, see :func:`ntkcv.sinks.hdf5.open_store`)."""
     series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    with h5py.File(path, "r", libver="latest", swmr=True) as store:
+    with open_store(path) as store:
         def visit(name, node):
             if isinstance(node, h5py.Group) and "step" in node and "value" in node:
                 series[name] = (node["step"][()], node["value"][()])
@@ -22,7 +25,7 @@ def read_scalars(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.nda
 
 def read_array(path: str | pathlib.Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(steps, rows)`` of an array series such as ``cv/spectrum``, NaN-padded; None if absent."""
-    with h5py.File(path, "r", libver="latest", swmr=True) as store:
+    with open_store(path) as store:
         key = f"arrays/{name}"
         if key not in store:
             return None

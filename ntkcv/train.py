@@ -9,10 +9,10 @@ at ``s + 1``, so a resumed run has no duplicate and no missing step.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 import ntkcv
+from ntkcv._run_dir import claim_run_dir, write_config
 from ntkcv.config import OptimizerConfig, RunConfig, flatten, to_dict
 from ntkcv.data import Dataset, load_dataset, probe_subset
 from ntkcv.monitor import NTKMonitor
@@ -108,20 +109,30 @@ def resolve_run_dir(template: str, *, resume: bool) -> pathlib.Path:
 def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Path | None = None,
           console: Any = None) -> dict[str, Any]:
     """Train as configured (in ``run_dir``, default: the resolved ``output.dir``); returns the final metrics
-    and where the logs are."""
+    and where the logs are.
+
+    The run directory is claimed first (see :func:`ntkcv._run_dir.claim_run_dir`): its lock is held until the
+    run ends, a directory holding a run is refused unless ``resume``, and a resume must keep the saved config.
+    ``resume`` restores the newest checkpoint that restores (warning about each newer one it skips) and
+    continues after it; without a checkpoint it starts again from step 0, replacing the logs.
+    """
     run_dir = resolve_run_dir(config.output.dir, resume=resume) if run_dir is None else pathlib.Path(run_dir)
-    use_compilation_cache(config.output.compilation_cache)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    except OSError as error:
-        raise ValueError(f"output.dir {str(run_dir)!r} is not a writable directory: {error}") from error
     data = load_dataset(config.data.name, path=config.data.path, train_size=config.data.train_size,
                         test_size=config.data.test_size, seed=config.train.seed,
                         subset_seed=config.data.subset_seed, indices=config.data.indices)
-    num_outputs = data.num_classes if data.task == "classification" else data.y_train.shape[-1]
     if data.task == "regression" and config.train.loss != "mse":
         raise ValueError(f"data set {config.data.name!r} is a regression task: set train.loss to 'mse'")
+    lock = claim_run_dir(run_dir, config, resume=resume)
+    try:
+        use_compilation_cache(config.output.compilation_cache)
+        return _train_in(run_dir, config, data, resume=resume, console=console)
+    finally:
+        lock.release()
+
+
+def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume: bool, console: Any
+              ) -> dict[str, Any]:
+    num_outputs = data.num_classes if data.task == "classification" else data.y_train.shape[-1]
     module = make_model(config.model.kind, num_outputs=num_outputs, **_model_options(config))
     key = jax.random.key(config.train.seed)
     # jitted: one compilation (kept by the persistent cache) instead of one per initialiser op, eagerly
@@ -156,21 +167,13 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
                 metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
             return metrics
 
-        every, final_step = config.output.checkpoint_every, config.train.steps - 1
-        checkpoints = ocp.CheckpointManager(  # after every `every` updates and after the last one
-            run_dir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(
-                should_save_fn=lambda step, _: (step + 1) % every == 0 or step == final_step, max_to_keep=2))
+        checkpoints = _checkpoint_manager(run_dir, config)
         try:
-            start = 0
-            if resume and checkpoints.latest_step() is not None:
-                last = checkpoints.latest_step()
-                state = checkpoints.restore(
-                    last, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
-                params, opt_state, start = state["params"], state["opt_state"], last + 1
-            elif not resume and checkpoints.latest_step() is not None:
-                raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose "
-                                      "another output.dir")
+            if resume:
+                checkpoints, params, opt_state, start = _restore(checkpoints, run_dir, config, params, opt_state)
+            else:
+                start = 0
+            write_config(run_dir, config)  # the run is accepted
             if config.output.tensorboard:
                 monitor.sinks.append(TensorBoardSink(str(run_dir / "tensorboard"),
                                                      purge_step=start if resume else None))
@@ -208,19 +211,55 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
             "steps": config.train.steps, "resumed_from": start, "seconds": time.perf_counter() - started, **final}
 
 
+def _checkpoint_manager(run_dir: pathlib.Path, config: RunConfig) -> Any:
+    """Orbax's manager of the run's checkpoints: after every ``output.checkpoint_every`` updates and after the last
+    one; the two latest are kept."""
+    import orbax.checkpoint as ocp
+
+    every, final_step = config.output.checkpoint_every, config.train.steps - 1
+    return ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        should_save_fn=lambda step, _: (step + 1) % every == 0 or step == final_step, max_to_keep=2))
+
+
+def _restore(checkpoints: Any, run_dir: pathlib.Path, config: RunConfig, params: Any, opt_state: Any
+             ) -> tuple[Any, Any, Any, int]:
+    """``(manager, params, opt_state, next step)`` from the newest checkpoint that restores (from scratch if there
+    is none); each newer one is skipped with a warning naming it, and deleted."""
+    import orbax.checkpoint as ocp
+
+    saved = sorted(checkpoints.all_steps(), reverse=True)
+    for position, step in enumerate(saved):
+        try:
+            state = checkpoints.restore(
+                step, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
+        except Exception as error:  # orbax raises many kinds of errors for a damaged checkpoint
+            reason = (str(error).splitlines() or [""])[0]
+            warnings.warn(f"checkpoint {step} in {checkpoints.directory} does not restore ({type(error).__name__}: "
+                          f"{reason}): skipped", RuntimeWarning, stacklevel=3)
+            checkpoints.close()  # a manager that failed to restore fails on every later step too
+            checkpoints = _checkpoint_manager(run_dir, config)
+            continue
+        for skipped in saved[:position]:  # the run saves those steps again
+            checkpoints.delete(skipped)
+        return checkpoints, state["params"], state["opt_state"], step + 1
+    if saved:
+        checkpoints.close()
+        raise ValueError(f"no checkpoint in {checkpoints.directory} restores (steps {saved}): "
+                         "remove the run directory to start again")
+    return checkpoints, params, opt_state, 0
+
+
 def _make_monitor(config: RunConfig, data: Dataset, model: ntkcv.Model) -> NTKMonitor:
     """The run's NTK monitor, without sinks (the caller adds them to ``monitor.sinks``)."""
     if config.data.probe_set == "train":  # the NTK on the training data itself (the CV studies' kernel)
         x_probe, y_probe = data.x_train, data.y_train
     else:
         x_probe, y_probe = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
-    labels = y_probe if data.task == "classification" else None
-    cvs = tuple(name for name in config.monitor.cvs if labels is not None or "alignment" not in name)
-    cvs = cvs if config.monitor.enabled else ()
+    cvs = config.monitor.cvs if config.monitor.enabled else ()
     steps = config.train.steps
     log_spaced = (1, steps, config.monitor.log_spaced) if config.monitor.log_spaced else None
-    return NTKMonitor(
-        model, x_probe, labels=labels, cvs=cvs,
+    return NTKMonitor(  # labels: integer classes, or the regression targets (N, 1) for the alignments
+        model, x_probe, labels=y_probe, cvs=cvs,
         schedule=Schedule(every_steps=config.monitor.every_steps, on_steps=(steps - 1,), log_spaced=log_spaced),
         matrix_free=config.monitor.matrix_free, log_spectrum=config.monitor.spectrum,
         weight_metrics=config.monitor.weight_metrics and config.monitor.enabled, trace_axes=config.monitor.trace_axes,

@@ -1,18 +1,23 @@
 """`ntkcv train` end to end: a short run, its logs, a SIGKILL mid-run and a resume with every step once."""
 
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+import h5py
 import numpy as np
 import pytest
 
-from ntkcv.config import load_config
+from ntkcv._lock import LockedError
+from ntkcv.config import ConfigError, load_config
 from ntkcv.report import make_report, read_scalars
+from ntkcv.sinks import HDF5Sink
 from ntkcv.train import train
 
 SMALL = {"data.train_size": 300, "data.probe_size": 32, "model.widths": [16], "train.batch_size": 32,
@@ -67,6 +72,9 @@ def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
     assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
     process.send_signal(signal.SIGKILL)
     process.wait()
+    read_scalars(run_dir / "ntkcv.h5")  # an ntkcv reader repairs the killed writer's file in place ...
+    with h5py.File(run_dir / "ntkcv.h5", "r") as store:  # ... so that plain h5py opens it
+        assert store["scalars/train/loss/step"].shape[0] > 0
     resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     series = read_scalars(run_dir / "ntkcv.h5")
@@ -116,3 +124,73 @@ def test_a_rerun_loads_every_program_from_the_compilation_cache(tmp_path):
     assert len(stored[0]) == 1 and stored[0][0][0].endswith(".jaxexport")
     assert entries[1] == entries[0]  # nothing was compiled anew
     assert stored[1] == stored[0]  # the monitor's program was loaded, not traced and stored again
+
+
+def _logged_steps(run_dir: pathlib.Path, tag: str) -> tuple[list[int], list[int]]:
+    """The steps of ``tag`` in the run's HDF5 store and (sorted) in its TensorBoard events."""
+    return list(read_scalars(run_dir / "ntkcv.h5")[tag][0]), sorted(_event_steps(run_dir / "tensorboard", tag))
+
+
+def test_a_rerun_without_resume_is_refused_even_without_checkpoints_and_changes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    config = load_config(None, {**SMALL, "train.steps": 20, "output.dir": str(run_dir)})
+    train(config)
+    shutil.rmtree(run_dir / "checkpoints")  # as if killed before its first checkpoint
+    saved = (run_dir / "config.json").read_bytes(), (run_dir / "config.json").stat().st_mtime_ns
+    other = load_config(None, {**SMALL, "train.steps": 30, "output.dir": str(run_dir)})
+    for rerun in (config, other):
+        with pytest.raises(FileExistsError, match="already holds a run: pass --resume"):
+            train(rerun)
+        assert ((run_dir / "config.json").read_bytes(), (run_dir / "config.json").stat().st_mtime_ns) == saved
+    assert train(config, resume=True)["resumed_from"] == 0  # no checkpoint: from the start, the old logs replaced
+    assert _logged_steps(run_dir, "train/loss") == (list(range(20)), list(range(20)))
+    assert not (run_dir / "ntkcv.lock").exists()
+
+
+def test_resume_keeps_the_config_and_falls_back_to_the_newest_checkpoint_that_restores(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = {**SMALL, "train.steps": 40, "output.checkpoint_every": 15, "output.dir": str(run_dir)}
+    train(load_config(None, overrides))
+    saved = (run_dir / "config.json").read_text()
+    for changed, message in ((
+            {"model.widths": [32], "optimizer.learning_rate": 0.1},
+            r"model\.widths was \[16\], now \[32\]; optimizer\.learning_rate was 0\.01, now 0\.1\."),
+            ({"train.steps": 30}, r"train\.steps was 40, now 30 \(it may only grow\)")):
+        with pytest.raises(ConfigError, match=message):
+            train(load_config(None, {**overrides, **changed}), resume=True)
+        assert (run_dir / "config.json").read_text() == saved
+    for path in (run_dir / "checkpoints" / "39").iterdir():  # the latest checkpoint is damaged
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    longer = load_config(None, {**overrides, "train.steps": 60, "output.progress": True})  # may change
+    with pytest.warns(RuntimeWarning, match=r"checkpoint 39 in .*checkpoints does not restore .*: skipped"):
+        result = train(longer, resume=True)
+    assert result["resumed_from"] == 30
+    assert _logged_steps(run_dir, "train/loss") == (list(range(60)), list(range(60)))
+    assert _logged_steps(run_dir, "cv/entropy")[0] == [0, 10, 20, 30, 40, 50, 59]  # 39 was the old last step
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [44, 59]
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 60
+
+
+def test_a_second_writer_is_refused_while_a_run_lives_and_the_run_loses_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = {**SMALL, "train.steps": 3000, "train.eval_every": 500, "monitor.every_steps": 500,
+                 "output.checkpoint_every": 1000, "output.dir": str(run_dir)}
+    args = [sys.executable, "-m", "ntkcv.cli", "train"]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    first = subprocess.Popen(args, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "ntkcv.h5").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for resume in (False, True):
+            with pytest.raises(LockedError, match=rf"output\.dir {run_dir} is in use by another run \(pid {first.pid}"):
+                train(load_config(None, overrides), resume=resume)
+        with pytest.raises(LockedError, match=r"ntkcv\.h5 is being written by another process"):
+            HDF5Sink(run_dir / "ntkcv.h5", lock_timeout=0.1)
+        assert first.poll() is None, "the run ended before a second writer came: make it longer"
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    finally:
+        first.kill()
+    assert _logged_steps(run_dir, "train/loss") == (list(range(3000)), list(range(3000)))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import h5py
 import numpy as np
 
+from ntkcv._lock import FileLock, LockedError
+from ntkcv.sinks._superblock import clear_write_flags
 from ntkcv.sinks.base import Sink, check_step
 
 _RESERVED = ("step", "value", "shape")
@@ -47,6 +50,13 @@ class HDF5Sink(Sink):
     forbids creating objects, so a name first seen later, or ``write_hparams`` after that point, makes
     the sink reopen the file; readers should then reopen it to see the new name.
 
+    One writer: the sink holds a lock (the file ``<path>.lock``, removed on :meth:`close`) for its life, so a
+    second sink on the same file, in this process or another, is refused with :class:`ntkcv._lock.LockedError`
+    (an ``OSError``) after waiting ``lock_timeout`` seconds for the holder; the lock of a process that died is
+    free at once. A file whose writer died (killed during SWMR writing, which leaves HDF5's "open for write" mark
+    that makes plain ``h5py.File(path, "r")`` fail) is repaired in place on opening: the mark is cleared, every
+    flushed row kept (see :func:`open_store` for readers).
+
     Resuming: an existing file is appended to. Pass ``resume_from_step=s`` when a run restarts from a
     checkpoint at step ``s``: rows with step ``>= s`` are deleted first, so the resumed run leaves no
     duplicate and no missing step (``resume_from_step=0`` empties the file).
@@ -57,10 +67,12 @@ class HDF5Sink(Sink):
       swmr: allow readers while writing (needs HDF5 >= 1.10 files, ``libver="latest"``).
       flush_secs: longest time buffered rows wait before reaching the file (``0``: every call).
       max_buffer_bytes: buffered arrays beyond this size are written at once.
+      lock_timeout: how long to wait for another holder of the file's lock (a reader of ``open_store``
+        holds it for a moment).
     """
 
     def __init__(self, path: str | os.PathLike, *, resume_from_step: int | None = None, swmr: bool = True,
-                 flush_secs: float = 10.0, max_buffer_bytes: int = 64 * 2**20):
+                 flush_secs: float = 10.0, max_buffer_bytes: int = 64 * 2**20, lock_timeout: float = 5.0):
         if resume_from_step is not None:
             resume_from_step = check_step(resume_from_step)
         self.path = os.fspath(path)
@@ -72,7 +84,17 @@ class HDF5Sink(Sink):
         self._buffered_bytes = 0
         self._flushed_at = time.monotonic()
         self._first_step: int | None = None
-        self._file: h5py.File | None = _open_or_recover(self.path)
+        self._lock = FileLock(_lock_path(self.path), purpose=f"HDF5Sink({self.path!r})", timeout=lock_timeout)
+        try:
+            self._lock.acquire()
+        except LockedError as error:
+            raise LockedError(f"HDF5Sink: {self.path} is being written by another process ({error.holder}); "
+                              "one writer at a time: wait for it to finish or write elsewhere", error.holder) from None
+        try:
+            self._file = _open_for_writing(self.path)
+        except BaseException:
+            self._lock.release()
+            raise
         now = datetime.datetime.now(datetime.UTC).isoformat()
         self._file.attrs["ntkcv_version"] = importlib.metadata.version("ntkcv")
         self._file.attrs.setdefault("created", now)
@@ -141,10 +163,14 @@ class HDF5Sink(Sink):
         self._flushed_at = time.monotonic()
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        try:
             self.flush()
+        finally:
             self._file.close()
             self._file = None
+            self._lock.release()
 
     def _append_arrays(self, name: str, rows: list[tuple[int, np.ndarray]]) -> None:
         """Append ``rows`` of one name, NaN-padded to the widest shape so far (older rows padded by resizing)."""
@@ -217,25 +243,63 @@ def _append_rows(group: h5py.Group, **columns: np.ndarray) -> None:
         dataset[rows:] = value
 
 
-def _open_or_recover(path: str) -> h5py.File:
-    """Open ``path`` for appending; after a crash during SWMR writing, recover it first.
+def _lock_path(path: str) -> str:
+    return f"{path}.lock"
 
-    A process killed while writing in SWMR mode leaves the file's consistency flags set, and HDF5 then
-    refuses to open it for writing (``h5clear -s`` would clear them). The data is intact and readable, so
-    it is copied into a fresh file that replaces the old one.
-    """
+
+def _open_for_writing(path: str) -> h5py.File:
+    """Open ``path`` for appending (the caller holds its lock, so any earlier writer is dead): a file left marked
+    "open for write" by a killed SWMR writer is repaired in place first, keeping every flushed row."""
+    if os.path.isfile(path):
+        clear_write_flags(path)
     try:
         return h5py.File(path, "a", libver="latest")
     except OSError as error:
-        if "already open for write" not in str(error):
-            raise
-    recovered = f"{path}.recovering"
-    with h5py.File(path, "r", libver="latest", swmr=True) as source, h5py.File(recovered, "w", libver="latest") as copy:
-        for name in source:
-            source.copy(source[name], copy, name)
-        copy.attrs.update(source.attrs)
-    os.replace(recovered, path)
-    return h5py.File(path, "a", libver="latest")
+        raise OSError(f"cannot open the HDF5 store {path} for writing: {error}") from error
+
+
+@contextlib.contextmanager
+def open_store(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Open an HDF5 store written by :class:`HDF5Sink` for reading, never hanging on a damaged file.
+
+    While a sink writes it (its lock is held by a live process) the file is opened as a SWMR reader, which sees
+    every flushed row. Otherwise this holds the lock while reading, repairs a file whose writer died (see
+    :class:`HDF5Sink`), and opens it plainly read-only, so a truncated or damaged file is an ``OSError`` at once
+    (a SWMR reader retries its reads of such a file for a very long time). Without write access to the folder
+    or the file, the file is read as it is.
+
+    Raises:
+      OSError: the file is missing, truncated or not HDF5; the message names it.
+    """
+    path = os.fspath(path)
+    lock = FileLock(_lock_path(path), purpose="ntkcv reader")
+    try:
+        lock.acquire()
+    except LockedError:
+        pass  # a live writer: read as a SWMR reader
+    except OSError:
+        lock = None  # a folder we cannot write to: no repair
+    try:
+        if lock is not None and lock.held:
+            with contextlib.suppress(PermissionError):
+                clear_write_flags(path)
+        with _open_for_reading(path, swmr=lock is not None and not lock.held) as file:
+            yield file
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _open_for_reading(path: str, *, swmr: bool) -> h5py.File:
+    try:
+        try:
+            return h5py.File(path, "r", libver="latest", swmr=True) if swmr else h5py.File(path, "r")
+        except OSError as error:  # a crashed writer's mark we could not clear: its data is intact for SWMR
+            if swmr or "already open for write" not in str(error):
+                raise
+            return h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as error:
+        raise OSError(f"cannot read the HDF5 store {path}: {error}") from error
 
 
 def _step_groups(file: h5py.File) -> list[h5py.Group]:

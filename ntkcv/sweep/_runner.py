@@ -10,13 +10,13 @@ import math
 import multiprocessing
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ntkcv._lock import FileLock
 from ntkcv.config import RunConfig, to_dict
 from ntkcv.sweep._spec import SweepConfig, SweepRun, expand
 from ntkcv.sweep._table import flat_config, read_json, series_summary, summarise_run, write_json, write_table
@@ -32,8 +32,8 @@ def run_sweep(sweep: SweepConfig, sweep_dir: str | pathlib.Path | None = None, *
     Run ``r`` trains in ``sweep_dir/runs/<r.run_id>`` and is done once its ``result.json`` exists with
     status ``complete`` or ``diverged`` (final training loss not finite); done runs are skipped, so after
     a crash the same call carries on: a run with a checkpoint resumes from it, a run without one starts
-    afresh. A run that raises is recorded as ``failed`` with its error and tried again by the next call;
-    the sweep goes on. ``sweep_dir/sweep.json`` holds the sweep and its run ids; ``results.csv`` (one row
+    afresh (replacing its logs). A run that raises is recorded as ``failed`` with its error and tried again by
+    the next call; the sweep goes on. ``sweep_dir/sweep.json`` holds the sweep and its run ids; ``results.csv`` (one row
     per finished run, see :func:`summarise_run`) is rewritten after each run, so it is valid at any time.
 
     Args:
@@ -98,16 +98,14 @@ def run_one(run_id: str, config: RunConfig, run_dir: str | pathlib.Path) -> str:
     from ntkcv.train import train
 
     run_dir = pathlib.Path(run_dir)
-    with _locked(run_dir.parent / f"{run_id}.lock"):  # a worker orphaned by a killed sweep may still run
+    # a worker orphaned by a killed sweep may still run: wait for it
+    with FileLock(run_dir.parent / f"{run_id}.lock", purpose=f"sweep run {run_id}", timeout=None):
         result = read_json(run_dir / "result.json")
         if result is not None and result.get("status") in DONE:
             return result["status"]
-        resume = _has_checkpoint(run_dir)
-        if run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)
         started, error = time.perf_counter(), None
-        try:
-            train(config, run_dir=run_dir, resume=resume)
+        try:  # from its latest checkpoint, or from its start (its earlier logs replaced) if it has none
+            train(config, run_dir=run_dir, resume=True)
         except Exception as exception:  # recorded in the table; the sweep goes on
             error = f"{type(exception).__name__}: {exception}"
         return _record(run_id, run_dir, error, seconds=time.perf_counter() - started)
@@ -237,22 +235,6 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-@contextlib.contextmanager
-def _locked(path: pathlib.Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (waits for the holder); released when the holder dies."""
-    try:
-        import fcntl
-    except ImportError:  # not on Unix: no lock
-        yield
-        return
-    with open(path, "a") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
-
-
 def _placed(run: SweepRun, sweep_dir: pathlib.Path) -> SweepRun:
     output = dataclasses.replace(run.config.output, dir=str(sweep_dir / "runs" / run.run_id))
     return dataclasses.replace(run, config=dataclasses.replace(run.config, output=output))
@@ -260,11 +242,6 @@ def _placed(run: SweepRun, sweep_dir: pathlib.Path) -> SweepRun:
 
 def _run_dir(run: SweepRun) -> pathlib.Path:
     return pathlib.Path(run.config.output.dir)
-
-
-def _has_checkpoint(run_dir: pathlib.Path) -> bool:
-    checkpoints = run_dir / "checkpoints"
-    return checkpoints.is_dir() and any(path.name.isdigit() for path in checkpoints.iterdir())
 
 
 def _check_same_config(run: SweepRun) -> None:

@@ -1,5 +1,6 @@
 import datetime
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 
 import ntkcv
+from ntkcv._lock import LockedError
+from ntkcv.report import read_scalars
 from ntkcv.sinks import HDF5Sink
+from ntkcv.sinks._superblock import lookup3
 
 READER = """
 import json, sys, h5py
@@ -146,7 +150,14 @@ def test_user_errors(tmp_path):
     sink.close()
 
 
-def test_file_left_by_a_killed_swmr_writer_is_recovered_and_appended(tmp_path):
+def test_lookup3_matches_the_reference_vectors_of_lookup3_c():
+    """``driver5`` of Bob Jenkins' lookup3.c prints these (hashlittle with initval 0)."""
+    assert lookup3(b"") == 0xDEADBEEF
+    assert lookup3(b"Four score and seven years ago") == 0x17770551
+    assert lookup3(b"Four score and seven years ago", 1) == 0xCD628161
+
+
+def test_file_left_by_a_killed_swmr_writer_is_repaired_in_place_and_appended(tmp_path):
     path = tmp_path / "crashed.h5"
     script = (
         "import os, sys; from ntkcv.sinks import HDF5Sink\n"
@@ -157,11 +168,70 @@ def test_file_left_by_a_killed_swmr_writer_is_recovered_and_appended(tmp_path):
         "os.kill(os.getpid(), 9)\n"
     )
     subprocess.run([sys.executable, "-c", script], check=False)
-    with HDF5Sink(path, resume_from_step=3) as sink:
+    with pytest.raises(OSError, match="already open for write"):  # what a user's own h5py met before the repair
+        h5py.File(path, "r")
+    inode = path.stat().st_ino
+    steps, values = read_scalars(path)["loss"]  # an ntkcv reader repairs the file
+    assert list(steps) == [0, 1, 2, 3, 4] and list(values) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert path.stat().st_ino == inode  # in place, not a copy
+    with h5py.File(path, "r") as store:
+        assert list(store["scalars/loss/step"][()]) == [0, 1, 2, 3, 4]
+    path.unlink()
+    subprocess.run([sys.executable, "-c", script], check=False)
+    with HDF5Sink(path, resume_from_step=3) as sink:  # so does a writer
         sink.write_scalars(3, {"loss": 30.0})
     with h5py.File(path, "r") as store:
         assert list(store["scalars/loss/step"][()]) == [0, 1, 2, 3]
         assert list(store["scalars/loss/value"][()]) == [0.0, 1.0, 2.0, 30.0]
+    assert not pathlib.Path(f"{path}.lock").exists()
+
+
+LIVE_WRITER = """
+import sys
+from ntkcv._lock import LockedError
+from ntkcv.report import read_scalars
+from ntkcv.sinks import HDF5Sink
+from ntkcv.sinks._superblock import lookup3
+sink = HDF5Sink(sys.argv[1], flush_secs=0)
+for step in range(200):
+    sink.write_scalars(step, {"train/loss": float(step)})
+print("written", flush=True)
+sys.stdin.readline()
+for step in range(200, 400):
+    sink.write_scalars(step, {"train/loss": float(step)})
+sink.close()
+"""
+
+
+def test_a_second_writer_is_refused_while_the_first_lives_and_no_row_is_lost(tmp_path):
+    path = tmp_path / "run.h5"
+    writer = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "written"
+        with pytest.raises(LockedError, match=rf"being written by another process \(pid {writer.pid} "):
+            HDF5Sink(path, lock_timeout=0.2)
+        steps, _ = read_scalars(path)["train/loss"]  # a reader is welcome: SWMR while the writer lives
+        assert list(steps) == list(range(200))
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        assert writer.wait(timeout=60) == 0
+    finally:
+        writer.kill()
+    steps, values = read_scalars(path)["train/loss"]
+    assert list(steps) == list(range(400)) and list(values) == list(range(400))
+
+
+def test_a_truncated_store_is_a_clear_error_not_a_hang(tmp_path):
+    path = tmp_path / "run.h5"
+    with HDF5Sink(path) as sink:
+        for step in range(3000):
+            sink.write_scalars(step, {"train/loss": float(step)})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    read = "import sys; from ntkcv.report import read_scalars; read_scalars(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", read, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"OSError: cannot read the HDF5 store {path}: " in done.stderr and "truncated file" in done.stderr
 
 
 def test_scalars_reach_the_file_at_flush_or_after_flush_secs(tmp_path, monkeypatch):
