@@ -6,7 +6,14 @@ import argparse
 import pathlib
 import sys
 import time
+import traceback
+import warnings
 from typing import Any
+
+import yaml
+
+from ntkcv import __version__
+from ntkcv.config import ConfigError, ConfigWarning, describe_yaml_error, load_config, read_yaml
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -46,17 +53,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Train as the config says (the embedded-digits MLP by default) with the NTK monitor."""
-    from ntkcv.config import load_config
     from ntkcv.train import resolve_run_dir, train
 
     config = _load(load_config, args)
-    if config is None:
-        return 2
-    try:
-        run_dir = resolve_run_dir(config.output.dir, resume=args.resume)
-    except ValueError as error:
-        print(f"ntkcv train: {error}", file=sys.stderr)
-        return 2
+    run_dir = resolve_run_dir(config.output.dir, resume=args.resume)
     print(f"ntkcv train: {config.model.kind} on {config.data.name}, {config.train.steps} steps in {run_dir}\n"
           f"  watch it: tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
     result = train(config, resume=args.resume, run_dir=run_dir)
@@ -67,22 +67,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(load: Any, args: argparse.Namespace) -> Any:
-    """``load(args.config, overrides from --set)``; ``None`` after printing why the config is invalid."""
-    import yaml
-
-    from ntkcv.config import ConfigError
-
+    """``load(args.config, overrides from --set)``, showing its config warnings as lines on stderr."""
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"ntkcv {args.command}: --set expects KEY=VALUE (e.g. train.steps=200), got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        return load(args.config, overrides)
-    except ConfigError as error:
-        print(f"ntkcv {args.command}: invalid config: {error}", file=sys.stderr)
-        return None
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.steps=200), got {item!r}")
+        overrides[key] = read_yaml(value, f"--set {key}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        loaded = load(args.config, overrides)
+    shown: set[str] = set()  # a sweep's runs repeat the warnings of their base
+    for warning in caught:
+        if not issubclass(warning.category, ConfigWarning):
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        elif str(warning.message) not in shown:
+            shown.add(str(warning.message))
+            print(f"ntkcv {args.command}: warning: {warning.message}", file=sys.stderr)
+    return loaded
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -92,15 +94,9 @@ def _sweep(args: argparse.Namespace) -> int:
     from ntkcv.sweep import expand, load_sweep, read_table, run_sweep
 
     sweep = _load(load_sweep, args)
-    if sweep is None:
-        return 2
     sweep_dir = pathlib.Path(args.dir or sweep.output_dir.format(name=sweep.name)).resolve()
     print(f"ntkcv sweep: {len(expand(sweep))} runs of {sweep.name!r} in {sweep_dir} ({args.executor})", flush=True)
-    try:
-        table = run_sweep(sweep, sweep_dir, executor=args.executor, workers=args.workers)
-    except (ImportError, ValueError) as error:  # no ray; a folder holding an edited sweep; workers < 1
-        print(f"ntkcv sweep: {error}", file=sys.stderr)
-        return 2
+    table = run_sweep(sweep, sweep_dir, executor=args.executor, workers=args.workers)
     counts = collections.Counter(row["status"] for row in read_table(table))
     print(f"results: {table}  ({', '.join(f'{count} {status}' for status, count in sorted(counts.items()))})")
     return 1 if counts["failed"] else 0
@@ -111,11 +107,7 @@ def _report(args: argparse.Namespace) -> int:
     if (pathlib.Path(args.run_dir) / "sweep.json").is_file():
         from ntkcv.studies import make_sweep_report
 
-        try:
-            path, findings = make_sweep_report(args.run_dir)
-        except ValueError as error:
-            print(f"ntkcv report: {error}", file=sys.stderr)
-            return 2
+        path, findings = make_sweep_report(args.run_dir)
         for study in findings:
             for claim in study.claims:
                 print(f"{study.study}: {claim.verdict}: {claim.paper}")
@@ -127,7 +119,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Errors of use, not of ntkcv: a bad config or argument (``ConfigError`` is a ``ValueError``), malformed YAML, a
+#: file or folder that is missing, exists, is locked or cannot be written, a missing optional dependency.
+EXPECTED_ERRORS = (ValueError, OSError, ImportError, yaml.YAMLError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run an ``ntkcv`` command; returns the exit status.
+
+    An expected error (:data:`EXPECTED_ERRORS`) is one line ``ntkcv COMMAND: MESSAGE`` on stderr and status 2;
+    Ctrl-C is one line and status 130; any other exception is a bug: its traceback, a line asking to report it
+    and status 1.
+    """
     parser = argparse.ArgumentParser(prog="ntkcv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model with the NTK monitor (default: MLP on digits)")
@@ -157,7 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "probes", 1) < 1:
         parser.error(f"--probes must be a positive number, got {args.probes}")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"ntkcv {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        message = describe_yaml_error(error) if isinstance(error, yaml.YAMLError) else " ".join(str(error).split())
+        print(f"ntkcv {args.command}: {message or type(error).__name__}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"ntkcv {args.command}: this is a bug in ntkcv {__version__}; please report it with the "
+              "traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,16 +7,27 @@ A config file mirrors :class:`RunConfig`: sections ``data``, ``model``, ``optimi
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+import re
+import string
 import types
 import typing
+import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
 
+from ntkcv.data import DATASET_INFO, training_examples
+
 
 class ConfigError(ValueError):
     """A config key is unknown or its value is not allowed; the message names the key path."""
+
+
+class ConfigWarning(UserWarning):
+    """A config value that works but may not do what was meant; the message names the key path."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,54 +111,174 @@ class RunConfig:
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Parse a YAML file (or the defaults when ``path`` is None), then ``overrides`` (``{"train.steps": 10}``)."""
+    """Parse a YAML file (or the defaults when ``path`` is None), then ``overrides`` (``{"train.steps": 10}``).
+
+    Every value is checked, alone and against the others, the data set and the models, without loading
+    anything: :func:`ntkcv.train.train` then fails only on what a config cannot tell (missing or corrupt data
+    files, the file system).
+
+    Raises:
+      ConfigError: naming the key path, the constraint and the value received.
+
+    Warns:
+      ConfigWarning: a recoverable choice, such as ``train.batch_size`` above the number of training examples.
+    """
     raw: Any = {}
     if path is not None:
         path = pathlib.Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text(), f"config file {str(path)!r}") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     config = parse(RunConfig, raw, "")
     _check_ranges(config)
+    examples = _check_data(config)
+    _check_model(config)
+    _check_monitor(config)
+    _check_output(config)
+    if config.train.batch_size > examples:
+        warnings.warn(f"train.batch_size {config.train.batch_size} is larger than the {examples} training "
+                      f"examples: every step trains on all {examples}", ConfigWarning, stacklevel=2)
     return config
 
 
-_AT_LEAST_ONE = ("data.probe_size", "train.steps", "train.batch_size", "train.eval_every", "monitor.every_steps",
-                 "output.checkpoint_every", "model.dim", "model.depth", "model.heads")
-_POSITIVE = ("optimizer.learning_rate",)
+def read_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``; malformed YAML is a :class:`ConfigError` naming ``where`` and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML: {describe_yaml_error(error)}") from None
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message in one line: what is wrong and where (line and column, from 1)."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    context, mark = getattr(error, "context", None), getattr(error, "problem_mark", None)
+    position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{position}"
+
+
+# key -> (the constraint, in words, and its test); None passes where the key's type allows it, and a list's
+# entries are checked one by one
+_AT_LEAST_0 = ("must be at least 0", lambda v: v >= 0)
+_AT_LEAST_1 = ("must be at least 1", lambda v: v >= 1)
+_POSITIVE = ("must be positive", lambda v: v > 0)
+_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "data.probe_size": _AT_LEAST_1,
+    "data.subset_seed": _AT_LEAST_0,
+    "model.widths": _AT_LEAST_1,
+    "model.channels": _AT_LEAST_1,
+    "model.dim": _AT_LEAST_1,
+    "model.depth": _AT_LEAST_1,
+    "model.heads": _AT_LEAST_1,
+    "optimizer.learning_rate": _POSITIVE,
+    "optimizer.warmup_steps": _AT_LEAST_0,
+    "optimizer.decay_rate": _POSITIVE,
+    "optimizer.momentum": ("must be in [0, 1)", lambda v: 0 <= v < 1),
+    "optimizer.weight_decay": _AT_LEAST_0,
+    "train.steps": _AT_LEAST_1,
+    "train.batch_size": _AT_LEAST_1,
+    "train.seed": _AT_LEAST_0,
+    "train.eval_every": _AT_LEAST_1,
+    "monitor.every_steps": _AT_LEAST_1,
+    "monitor.log_spaced": _AT_LEAST_0,
+    "monitor.blas_threads": _AT_LEAST_1,
+    "output.checkpoint_every": _AT_LEAST_1,
+}
 
 
 def _check_ranges(config: RunConfig) -> None:
-    from ntkcv.cv import AVAILABLE
-
-    def get(dotted):
+    for dotted, (constraint, test) in _RANGES.items():
         section, key = dotted.split(".")
-        return getattr(getattr(config, section), key)
+        value = getattr(getattr(config, section), key)
+        optional = type(None) in typing.get_args(typing.get_type_hints(type(getattr(config, section)))[key])
+        entries = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, entry in entries:
+            if entry is not None and not test(entry):
+                where = dotted if i is None else f"{dotted}[{i}]"
+                raise ConfigError(f"{where} {constraint}{' or null' if optional else ''}, got {entry!r}")
 
-    for dotted in _AT_LEAST_ONE:
-        if get(dotted) < 1:
-            raise ConfigError(f"{dotted} must be at least 1, got {get(dotted)}")
-    for dotted in _POSITIVE:
-        if not get(dotted) > 0:
-            raise ConfigError(f"{dotted} must be positive, got {get(dotted)}")
-    if config.data.indices is not None:
-        if config.data.train_size is not None:
-            raise ConfigError(f"data.indices and data.train_size exclude each other (the indices fix the training "
-                              f"set); got train_size={config.data.train_size}")
-        if not config.data.indices:
-            raise ConfigError("data.indices must hold at least one row index, got []")
-        for i, index in enumerate(config.data.indices):
-            if index < 0:
-                raise ConfigError(f"data.indices[{i}] must be a row index >= 0, got {index}")
-    if config.monitor.blas_threads is not None and config.monitor.blas_threads < 1:
-        raise ConfigError(f"monitor.blas_threads must be at least 1 or null, got {config.monitor.blas_threads}")
-    for i, name in enumerate(config.monitor.cvs):
-        if name not in AVAILABLE:
-            raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, AVAILABLE))}; got {name!r}")
+
+def _check_data(config: RunConfig) -> int:
+    """Checks the data keys against what is known of the data set; returns the number of training examples."""
+    data = config.data
+    try:
+        examples = training_examples(data.name, path=data.path, train_size=data.train_size,
+                                     test_size=data.test_size, subset_seed=data.subset_seed, indices=data.indices)
+    except ValueError as error:  # its messages start with the argument's name
+        raise ConfigError(f"data.{error}") from None
+    if data.probe_set == "subset" and data.probe_size > examples:
+        raise ConfigError(f"data.probe_size must be at most {examples} (the training examples) or data.probe_set "
+                          f"'train', got {data.probe_size}")
+    if config.train.loss == "cross_entropy" and DATASET_INFO[data.name].task == "regression":
+        raise ConfigError(f"train.loss must be 'mse' for data set {data.name!r}, a regression task; got "
+                          "'cross_entropy'")
+    return examples
+
+
+def _check_model(config: RunConfig) -> None:
+    model, data = config.model, config.data
+    if model.kind == "cnn":
+        shape = DATASET_INFO[data.name].input_shape
+        if len(shape) != 3:
+            raise ConfigError(f"model.kind 'cnn' needs images, and data set {data.name!r} has inputs of shape "
+                              f"{shape}; choose one of 'mlp', 'transformer'")
+        if not model.channels:
+            raise ConfigError("model.channels must hold at least one channel count for model.kind 'cnn', got []")
+        stages = min(shape[:2]).bit_length() - 1  # each conv/pool stage halves the image
+        if len(model.channels) > stages:
+            raise ConfigError(f"model.channels must have at most {stages} entries for the {shape[0]}×{shape[1]} "
+                              f"images of data set {data.name!r} (each stage halves them); got "
+                              f"{list(model.channels)}")
+    if model.kind == "transformer" and model.dim % model.heads:
+        raise ConfigError(f"model.heads must divide model.dim ({model.dim}), got {model.heads}")
+
+
+_MATRIX_FREE_CVS = ("entropy", "trace")  # what NTKMonitor estimates matrix-free
+
+
+def _check_monitor(config: RunConfig) -> None:
+    from ntkcv.cv import AVAILABLE
+    from ntkcv.cv.collect import CLASSWISE, REQUIREMENTS
+    from ntkcv.ntk.layout import make_layout
+
+    monitor, name = config.monitor, config.data.name
+    regression = DATASET_INFO[name].task == "regression"
+    for i, cv in enumerate(monitor.cvs):
+        if cv not in AVAILABLE:
+            raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, AVAILABLE))}; got {cv!r}")
+        if REQUIREMENTS[cv] == "reference":  # ntkcv train gives the probes' labels or targets, no reference kernel
+            raise ConfigError(f"monitor.cvs[{i}] {cv!r} needs a reference kernel, which ntkcv train does not keep")
+        if cv in CLASSWISE and regression:
+            raise ConfigError(f"monitor.cvs[{i}] {cv!r} needs class labels, and data set {name!r} is a regression "
+                              "task")
+        if monitor.matrix_free is True and cv not in _MATRIX_FREE_CVS:
+            raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, _MATRIX_FREE_CVS))} with "
+                              f"monitor.matrix_free true (set it to false or 'auto' for the others); got {cv!r}")
+    try:
+        make_layout((1, 1), monitor.trace_axes)  # checked as ntk_fn checks it on the models' (N, C) outputs
+    except ValueError:
+        raise ConfigError(f"monitor.trace_axes must be [], [1] or [-1] (the models' outputs are (N, C), axis 0 "
+                          f"the batch); got {list(monitor.trace_axes)}") from None
+
+
+def _check_output(config: RunConfig) -> None:
+    template = config.output.dir
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise ConfigError(f"output.dir {template!r} is not a valid template ({error}); write {{{{ and }}}} for "
+                          "literal braces") from None
+    for field in fields:
+        if field != ("time", "", None):
+            raise ConfigError(f"output.dir may hold only the field {{time}} (the start time), got {template!r}; "
+                              "write {{ and }} for literal braces")
 
 
 def parse(cls: type, raw: Any, where: str) -> Any:
@@ -164,6 +295,9 @@ def parse(cls: type, raw: Any, where: str) -> Any:
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+_DECIMAL = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")  # YAML 1.2's numbers
 
 
 def _value(hint: Any, value: Any, where: str) -> Any:
@@ -197,10 +331,17 @@ def _value(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r} (YAML reads an unquoted off, no, on, yes as "
+                              "a boolean: quote it, e.g. 'off')")
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value

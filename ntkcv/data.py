@@ -28,11 +28,34 @@ import gzip
 import pathlib
 import pickle
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
+
+class DatasetInfo(NamedTuple):
+    """What is known of a data set before it is loaded: its task, the shape of one input and its split sizes.
+
+    The sizes of ``mnist``, ``fashion_mnist`` and ``cifar10`` are the published files'; ``synthetic`` (with its
+    default options) draws any number of samples, these by default.
+    """
+
+    task: Literal["classification", "regression"]
+    input_shape: tuple[int, ...]
+    train_examples: int
+    test_examples: int
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("classification", (8, 8, 1), 1437, 360),  # 1797 images
+    "synthetic": DatasetInfo("regression", (8,), 1024, 256),
+    "mnist": DatasetInfo("classification", (28, 28, 1), 60000, 10000),
+    "fashion_mnist": DatasetInfo("classification", (28, 28, 1), 60000, 10000),
+    "cifar10": DatasetInfo("classification", (32, 32, 3), 50000, 10000),
+}
+"""Each data set's :class:`DatasetInfo`."""
+
+DATASETS = tuple(DATASET_INFO)
 """Names accepted by :func:`load_dataset`."""
 
 
@@ -89,29 +112,12 @@ def load_dataset(
         ``subset_seed`` for ``synthetic`` (whose samples are all drawn from ``seed``).
       FileNotFoundError: standard files missing from ``path`` (the message names them).
     """
-    if name not in _LOADERS:
-        raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
-    loader, allowed_options, needs_path = _LOADERS[name]
-    unknown = sorted(set(options) - set(allowed_options))
-    if unknown:
-        allowed = ", ".join(allowed_options) or "none"
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for data set {name!r}; allowed: {allowed}")
-    if needs_path and path is None:
-        raise ValueError(f"data set {name!r} is read from local files: pass path, the directory holding them")
-    if not needs_path and path is not None:
-        raise ValueError(f"data set {name!r} is built in and takes no path, got path={path!r}")
-    for label, size in (("train_size", train_size), ("test_size", test_size)):
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):
-            raise ValueError(f"{label} must be a positive integer or None, got {size!r}")
-    if indices is not None and train_size is not None:
-        raise ValueError(f"indices and train_size exclude each other (the indices fix the training set); "
-                         f"got train_size={train_size}")
-    if name == "synthetic" and subset_seed is not None:
-        raise ValueError(f"data set 'synthetic' draws every sample from seed; subset_seed must be None, "
-                         f"got {subset_seed!r}")
-
+    training_examples(name, path=path, train_size=train_size, test_size=test_size, subset_seed=subset_seed,
+                      indices=indices, **options)
+    loader = _LOADERS[name][0]
     if name == "synthetic":
-        data = loader(train_size or 1024, test_size or 256, seed=seed, **options)
+        info = DATASET_INFO[name]
+        data = loader(train_size or info.train_examples, test_size or info.test_examples, seed=seed, **options)
         return data if indices is None else _select_rows(data, indices)
     data = loader(pathlib.Path(path) if path is not None else None, seed)
     rng = np.random.default_rng([seed, 1])
@@ -122,6 +128,55 @@ def load_dataset(
     x_test, y_test = _subsample(data.x_test, data.y_test, test_size, rng, "test_size")
     data = dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return data if indices is None else _select_rows(data, indices)
+
+
+def training_examples(
+    name: str,
+    *,
+    path: str | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    subset_seed: int | None = None,
+    indices: Sequence[int] | None = None,
+    **options: Any,
+) -> int:
+    """The number of training examples :func:`load_dataset` gives for these arguments, known without loading
+    anything (from :data:`DATASET_INFO`); checks the arguments as :func:`load_dataset` does before it loads.
+
+    Raises:
+      ValueError: as :func:`load_dataset` for its arguments; the message starts with the argument's name
+        (but for an unknown data set or option).
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+    _, allowed_options, needs_path = _LOADERS[name]
+    unknown = sorted(set(options) - set(allowed_options))
+    if unknown:
+        allowed = ", ".join(allowed_options) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for data set {name!r}; allowed: {allowed}")
+    if needs_path and path is None:
+        raise ValueError(f"path is required for data set {name!r}, which is read from local files: pass path, the "
+                         "directory holding them")
+    if not needs_path and path is not None:
+        raise ValueError(f"path must be None for data set {name!r}, which is built in and takes no path; got "
+                         f"path={path!r}")
+    for label, size in (("train_size", train_size), ("test_size", test_size)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):
+            raise ValueError(f"{label} must be a positive integer or None, got {size!r}")
+    if indices is not None and train_size is not None:
+        raise ValueError(f"indices and train_size exclude each other (the indices fix the training set); "
+                         f"got train_size={train_size}")
+    info = DATASET_INFO[name]
+    if name == "synthetic":  # draws as many samples as asked
+        if subset_seed is not None:
+            raise ValueError(f"subset_seed must be None for data set 'synthetic', which draws every sample from "
+                             f"seed; got {subset_seed!r}")
+    else:
+        _check_size("train_size", train_size, info.train_examples)
+        _check_size("test_size", test_size, info.test_examples)
+    if indices is not None:
+        return len(_checked_rows(indices, info.train_examples))
+    return train_size or info.train_examples
 
 
 def probe_subset(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,8 +214,13 @@ def probe_subset(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np
 
 def _select_rows(data: Dataset, indices: Sequence[int]) -> Dataset:
     """The training rows ``indices`` (distinct, in ``[0, N)``) of ``data``, in that order; the test set as is."""
+    rows = _checked_rows(indices, len(data.x_train))
+    return dataclasses.replace(data, x_train=data.x_train[rows], y_train=data.y_train[rows])
+
+
+def _checked_rows(indices: Sequence[int], n: int) -> np.ndarray:
+    """``indices`` as an array, checked to be distinct rows of a training split of ``n`` examples."""
     rows = np.asarray(indices)
-    n = len(data.x_train)
     if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"indices must be a non-empty sequence of integers, got {indices!r}")
     bad = rows[(rows < 0) | (rows >= n)]
@@ -169,7 +229,12 @@ def _select_rows(data: Dataset, indices: Sequence[int]) -> Dataset:
     if np.unique(rows).size != rows.size:
         values, counts = np.unique(rows, return_counts=True)
         raise ValueError(f"indices must be distinct; row {int(values[counts > 1][0])} is repeated")
-    return dataclasses.replace(data, x_train=data.x_train[rows], y_train=data.y_train[rows])
+    return rows
+
+
+def _check_size(label: str, size: int | None, n: int) -> None:
+    if size is not None and size > n:
+        raise ValueError(f"{label} must be at most {n} (the examples available), got {size}")
 
 
 def _subsample(
@@ -180,8 +245,7 @@ def _subsample(
     n = len(x)
     if size is None or size == n:
         return x, y
-    if size > n:
-        raise ValueError(f"{label} must be at most {n} (the examples available), got {size}")
+    _check_size(label, size, n)
     if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
         _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
         quota = counts * size / n
@@ -205,7 +269,8 @@ def _digits(path: pathlib.Path | None, seed: int) -> Dataset:
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]
     y = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=360, stratify=y, random_state=seed)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=DATASET_INFO["digits"].test_examples,
+                                                        stratify=y, random_state=seed)
     return Dataset(x_train, y_train, x_test, y_test, num_classes=10, task="classification", name="digits")
 
 

@@ -155,6 +155,19 @@ def test_rerun_skips_done_runs(local_sweep):
         run_sweep(edited, folder, progress=False)
 
 
+def test_rerun_over_a_truncated_store_is_a_clear_error_not_a_hang(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({"name": "tiny", "base": TINY, "grid": {"train.seed": [0]}}))
+    command = [sys.executable, "-m", "ntkcv.cli", "sweep", str(spec), "--dir", str(tmp_path / "sweep")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    assert subprocess.run(command, capture_output=True, timeout=300, env=env).returncode == 0
+    store = next((tmp_path / "sweep" / "runs").glob("*/ntkcv.h5"))
+    store.write_bytes(store.read_bytes()[: store.stat().st_size // 2])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert f"cannot read the HDF5 store {store}" in done.stderr and "truncated file" in done.stderr
+
+
 def test_ray_executor_gives_the_local_table(local_sweep, tmp_path):
     ray = pytest.importorskip("ray")  # in the test extra, so CI runs this
     sweep, _, local_table = local_sweep

@@ -60,8 +60,12 @@ _CVS: dict[str, tuple[str | None, Callable[[_Inputs], jax.Array]]] = {
 #: Names accepted by :func:`collective_variables`, in the order of its output.
 AVAILABLE: tuple[str, ...] = tuple(_CVS)
 
+#: What each CV needs besides the kernel: ``"labels"`` (probe labels or targets), ``"reference"`` (a reference
+#: kernel) or ``None``.
+REQUIREMENTS: dict[str, str | None] = {name: needs for name, (needs, _) in _CVS.items()}
+#: The CVs that need integer class labels (regression targets will not do).
+CLASSWISE: tuple[str, ...] = ("class_entropy", "class_trace")
 _VECTOR_CVS = ("top_eigenvalues", "class_entropy", "class_trace")
-_CLASSWISE = ("class_entropy", "class_trace")
 
 
 def collective_variables(
@@ -130,7 +134,7 @@ def collective_variables(
         reference = as_matrix(reference, "reference", warn=warn)
         if reference.shape != matrix.shape:
             raise ValueError(f"reference must have the kernel's shape {matrix.shape}; got {reference.shape}.")
-    if any(name in _CLASSWISE for name in names):
+    if any(name in CLASSWISE for name in names):
         num_classes = _num_classes(labels, num_classes)
     inputs = _Inputs(
         matrix, eigenvalues, eigenvectors, jnp.shape(kernel)[0], top_k, labels, num_classes, reference
@@ -151,7 +155,7 @@ def _resolve_names(names, provided, labels) -> tuple[str, ...]:
         return tuple(
             name
             for name, (needs, _) in _CVS.items()
-            if (needs is None or provided[needs]) and (name not in _CLASSWISE or integer_labels)
+            if (needs is None or provided[needs]) and (name not in CLASSWISE or integer_labels)
         )
     if isinstance(names, str):
         raise TypeError(f"names must be a sequence of CV names, not a string; got {names!r}.")
