@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from ntkcv import __version__, cli
+from ntkcv._lock import LockedError
+from ntkcv.config import ConfigError
 from ntkcv.report import read_scalars
 
 
@@ -64,14 +66,6 @@ def test_config_warnings_are_lines_before_the_error(tmp_path, capsys):
     assert error.startswith("ntkcv train: --resume needs the run's own directory")
 
 
-class _LockedError(OSError):
-    """Like the error of a run directory locked by another process."""
-
-
-class _MismatchError(ValueError):
-    """Like the error of a config that differs from the run it resumes."""
-
-
 def _yaml_error():
     try:
         yaml.safe_load("a: [1")
@@ -81,9 +75,10 @@ def _yaml_error():
 
 @pytest.mark.parametrize("error, message", [
     (FileExistsError("runs/x already holds a run: pass --resume"), "runs/x already holds a run: pass --resume"),
-    (_LockedError("runs/x is locked by process 123"), "runs/x is locked by process 123"),
+    (LockedError("output.dir runs/x is in use by another run (pid 123)", "pid 123"),
+     "output.dir runs/x is in use by another run (pid 123)"),
     (PermissionError(13, "Permission denied", "runs/x"), "[Errno 13] Permission denied: 'runs/x'"),
-    (_MismatchError("the config differs:\n  train.steps was 30, now 31"),
+    (ConfigError("the config differs:\n  train.steps was 30, now 31"),
      "the config differs: train.steps was 30, now 31"),
     (_yaml_error(), "while parsing a flow sequence: expected ',' or ']', but got '<stream end>' at line 1, column 6"),
     (ImportError('the Ray executor needs ray: pip install "ntkcv[ray]"'),
@@ -167,3 +162,34 @@ def test_regression_runs_record_the_target_alignments(tmp_path, capsys):
     for name in ("cv/target_alignment", "cv/centred_target_alignment"):
         steps, values = series[name]
         assert list(steps) == [0, 1] and np.all(np.isfinite(values)) and np.all(np.abs(values) <= 1)
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A tmpfs holding ``killed/ntkcv.h5`` (its writer killed mid-run), remounted read-only; root on Linux only."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        (disk / "killed").mkdir()
+        script = ("import os, sys; from ntkcv.sinks import HDF5Sink\n"
+                  "sink = HDF5Sink(sys.argv[1])\n"
+                  "for step in range(5): sink.write_scalars(step, {'train/loss': float(step)})\n"
+                  "sink.flush(); os.kill(os.getpid(), 9)\n")
+        subprocess.run([sys.executable, "-c", script, str(disk / "killed" / "ntkcv.h5")], check=False)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_read_only_disk_is_one_line_for_train_and_readable_for_report(read_only_disk, capsys):
+    train = ["train", "--set", f"output.dir={read_only_disk}/run", "--set", "output.compilation_cache='off'"]
+    assert cli.main(train) == 2
+    line = _one_line(capsys, "train")
+    assert "is not a writable directory" in line and "Read-only file system" in line
+    steps, values = read_scalars(read_only_disk / "killed" / "ntkcv.h5")["train/loss"]  # as it is: no repair
+    assert list(steps) == list(range(5)) and list(values) == [0.0, 1.0, 2.0, 3.0, 4.0]
