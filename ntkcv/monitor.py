@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import warnings
@@ -27,13 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkcv._program_store import argument_signature, program_key, stored_program
-from ntkcv.cv import collective_variables, spectrum, weight_spectra
+from ntkcv.cv import AVAILABLE, collective_variables, spectrum, weight_spectra
 from ntkcv.cv.estimators import entropy_slq, trace_hutchpp
 from ntkcv.models import Model
 from ntkcv.ntk import matvec_flops, ntk_fn, ntk_operator
 from ntkcv.ntk.compilation import quick_compile_options
 from ntkcv.ntk.layout import output_layout
 from ntkcv.schedule import Schedule
+from ntkcv.sinks.base import call_all
 
 logger = logging.getLogger("ntkcv.monitor")
 
@@ -62,6 +64,14 @@ def prefer_matrix_free(apply_fn: Callable, params: Any, x: jax.Array, *, trace_a
     return estimated < exact
 
 
+def _write_step(sink: Any, step: int, values: dict[str, float], arrays: dict[str, np.ndarray]) -> None:
+    """Writes one step's scalars and arrays to ``sink``."""
+    if values:
+        sink.write_scalars(step, values)
+    if arrays:
+        sink.write_arrays(step, arrays)
+
+
 class _HookState(NamedTuple):
     step: jax.Array  # updates seen by the optax transform
 
@@ -79,7 +89,8 @@ class NTKMonitor:
       labels: probe labels (integer ``(N,)`` or targets ``(N, C)``) for the alignment and class-wise CVs.
       schedule: when to compute (default every 100 steps).
       cvs: names from :data:`ntkcv.cv.AVAILABLE` (exact), or ``"entropy"``/``"trace"`` when
-        ``matrix_free`` is set; ``()`` computes no NTK (the monitor then only records scalars).
+        ``matrix_free`` is set; one name alone may be given as a string; ``()`` computes no NTK (the monitor
+        then only records scalars).
       matrix_free: estimate entropy and trace from the matrix-free operator (stochastic Lanczos
         quadrature and Hutch++) instead of building Θ; values come with standard errors
         (``cv/<name>_stderr``). ``"auto"`` decides per probe shape by estimated cost: exact costs
@@ -91,7 +102,9 @@ class NTKMonitor:
       weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``).
       trace_axes, implementation: passed to :func:`ntkcv.ntk_fn`.
       sinks: objects with ``write_scalars``, ``write_arrays``, ``flush`` and ``close``, kept in the list
-        :attr:`sinks`; a sink appended to it later receives what is written from then on.
+        :attr:`sinks`; a sink appended to it later receives what is written from then on. A sink that raises
+        does not keep the others from their data, nor :meth:`flush` and :meth:`close` from reaching every
+        sink: the first error is raised after (:func:`ntkcv.sinks.base.call_all`).
       blas_threads: threads of the BLAS/LAPACK libraries (OpenBLAS, MKL, via ``threadpoolctl``) from
         construction to :meth:`close`; they run the CPU eigendecomposition. ``1`` (default): OpenBLAS's idle
         threads busy-wait after each call, on the cores the training loop and XLA need (on 2 cores the
@@ -102,6 +115,8 @@ class NTKMonitor:
         once; results reach the sinks, with their own step, at a later call, at :meth:`flush` or at
         :meth:`close`. At most ``max_pending`` firings wait; one more blocks until the oldest is done. With
         an :class:`ntkcv.Model` and fixed probes, the computation compiles in the background from the start.
+        A firing that raised raises at the next call, :meth:`flush` or :meth:`close`, after the other results
+        and this call's scalars were written.
 
     Calling ``monitor(step, params, batch=None, **scalars)`` writes ``scalars`` under ``train/…`` on
     every call and, when the schedule fires, the CVs under ``cv/…``; it returns what it wrote in this
@@ -112,7 +127,7 @@ class NTKMonitor:
     firing. While JAX's persistent compilation cache is on (``jax_compilation_cache_dir``; ``ntkcv train`` turns
     it on), the traced program is also stored beside it with :mod:`jax.export`, so a later run of the same model,
     shapes and settings neither traces nor compiles it. Non-finite CVs are logged as NaN with a warning; they
-    never raise.
+    never raise. After :meth:`close`, calls and :meth:`flush` raise ``ValueError``.
     """
 
     def __init__(
@@ -122,7 +137,7 @@ class NTKMonitor:
         *,
         labels: Any = None,
         schedule: Schedule | None = None,
-        cvs: Sequence[str] = ("entropy", "effective_entropy", "trace"),
+        cvs: str | Sequence[str] = ("entropy", "effective_entropy", "trace"),
         matrix_free: bool | str = False,
         num_probes: int = 30,
         num_matvecs: int = 30,
@@ -149,7 +164,11 @@ class NTKMonitor:
             raise ValueError(f"labels must have one row per probe: {self.probes.shape[0]} probes, "
                              f"labels of shape {self.labels.shape}")
         self.schedule = schedule or Schedule(every_steps=100)
-        self.cvs = tuple(cvs)
+        self.cvs = (cvs,) if isinstance(cvs, str) else tuple(cvs)
+        unknown = [name for name in self.cvs if name not in AVAILABLE]
+        if unknown:
+            raise ValueError(f"cvs must be names of collective variables, any of {list(AVAILABLE)}; "
+                             f"got the unknown {unknown}")
         if matrix_free not in (True, False, "auto"):
             raise ValueError(f"matrix_free must be True, False or 'auto', got {matrix_free!r}")
         estimable = set(self.cvs) <= {"entropy", "trace"}
@@ -163,6 +182,7 @@ class NTKMonitor:
         if blas_threads is not None and blas_threads < 1:
             raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads!r}")
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "ntkcv-monitor") if asynchronous else None
+        self._closed = False
         self._pending: collections.deque = collections.deque()  # futures of (step, values, arrays), in order
         self.latest: dict[str, float] = {}  # the newest value written under each name
         self.trace_count = 0  # programs made for the CV computation (traced or loaded from the store)
@@ -221,8 +241,8 @@ class NTKMonitor:
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""
+        self._check_open()
         step = int(step)
-        written = self._drain(wait=False)
         values = {f"train/{name}": value for name, value in scalars.items()}
         arrays = {}
         if self.cvs and self.schedule(step):
@@ -232,12 +252,13 @@ class NTKMonitor:
                 values.update(cvs)
             else:
                 if len(self._pending) >= self.max_pending:
-                    self._pending[0].result()
-                    written.update(self._drain(wait=False))
+                    concurrent.futures.wait([self._pending[0]])
                 params = jax.device_put(params, may_alias=False)  # survives a train step that donates them
                 self._pending.append(self._worker.submit(lambda: (step, *self._measure(params, x))))
-        written.update(self._write(step, jax.device_get(values), arrays))
-        return written
+        # earlier firings first; this step's scalars are written even when one of them failed
+        drained, current = call_all([functools.partial(self._drain, wait=False),
+                                     functools.partial(self._write, step, jax.device_get(values), arrays)])
+        return {**drained, **current}
 
     def _measure(self, params: Any, x: jax.Array) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The CVs (and spectrum, weight metrics) of ``params`` on ``x``, fetched to the host."""
@@ -261,26 +282,27 @@ class NTKMonitor:
         return self._programs[signature]
 
     def _drain(self, *, wait: bool) -> dict[str, float]:
-        """Write the results of finished firings (all of them with ``wait``), oldest first."""
-        written = {}
+        """Write the results of finished firings (all of them with ``wait``), oldest first; one that failed is raised
+        after the others were written."""
+        finished = []
         while self._pending and (wait or self._pending[0].done()):
-            step, values, arrays = self._pending.popleft().result()
-            written.update(self._write(step, values, arrays))
-        return written
+            finished.append(self._pending.popleft())
+        written = call_all([functools.partial(self._write_result, future) for future in finished])
+        return {name: value for values in written for name, value in values.items()}
+
+    def _write_result(self, future: concurrent.futures.Future) -> dict[str, float]:
+        return self._write(*future.result())
 
     def _write(self, step: int, values: dict[str, Any], arrays: dict[str, Any]) -> dict[str, float]:
         values = {name: float(np.asarray(value)) for name, value in values.items()}
         bad = sorted(name for name, value in values.items() if name.startswith("cv/") and not np.isfinite(value))
         if bad:
             warnings.warn(f"step {step}: non-finite collective variables {bad} logged as NaN", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)  # the caller of a synchronous monitor (through __call__ and call_all)
             values.update({name: float("nan") for name in bad})
-        for sink in self.sinks:
-            if values:
-                sink.write_scalars(step, values)
-            if arrays:
-                sink.write_arrays(step, {name: np.asarray(a) for name, a in arrays.items()})
         self.latest.update(values)
+        arrays = {name: np.asarray(a) for name, a in arrays.items()}
+        call_all([functools.partial(_write_step, sink, step, values, arrays) for sink in self.sinks])
         return values
 
     def as_optax_transform(self):
@@ -336,26 +358,33 @@ class NTKMonitor:
 
     def flush(self) -> None:
         """Wait for pending firings, write them, and flush every sink."""
-        self._drain(wait=True)
-        for sink in self.sinks:
-            sink.flush()
+        self._check_open()
+        call_all([functools.partial(self._drain, wait=True), *(sink.flush for sink in self.sinks)])
 
     def close(self) -> None:
-        """Write pending firings and close the sinks (also after an error in a firing)."""
-        try:
-            self._drain(wait=True)
-        finally:
-            if self._worker is not None:
-                self._worker.shutdown()
-            if self._blas_limit is not None:
-                self._blas_limit.restore_original_limits()
-                self._blas_limit = None
-            for sink in self.sinks:
-                sink.close()
+        """Write pending firings, stop the background thread, restore the BLAS limit and close the sinks, each also
+        when an earlier one raised (the first error is raised after); closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        closing = [functools.partial(self._drain, wait=True)]
+        if self._worker is not None:
+            closing.append(self._worker.shutdown)
+        if self._blas_limit is not None:
+            closing.append(self._blas_limit.restore_original_limits)
+        call_all([*closing, *(sink.close for sink in self.sinks)])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the NTKMonitor is closed: make a new one to record more")
 
     def __enter__(self) -> NTKMonitor:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the error that ends the block is the one to report; closing still reaches everything
+            with contextlib.suppress(Exception):
+                self.close()
 

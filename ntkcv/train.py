@@ -9,6 +9,7 @@ at ``s + 1``, so a resumed run has no duplicate and no missing step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import time
@@ -205,8 +206,11 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
             for sink in monitor.sinks:
                 sink.write_hparams({key: value if isinstance(value, (int, float, str, bool)) else str(value)
                                     for key, value in flatten(to_dict(config)).items()}, final)
-        finally:
-            checkpoints.close()
+        except BaseException:  # the first error is the one to report: closing may fail too (a full disk)
+            with contextlib.suppress(Exception):
+                checkpoints.close()
+            raise
+        checkpoints.close()
     return {"run_dir": str(run_dir), "tensorboard": str(run_dir / "tensorboard"), "hdf5": str(run_dir / "ntkcv.h5"),
             "steps": config.train.steps, "resumed_from": start, "seconds": time.perf_counter() - started, **final}
 

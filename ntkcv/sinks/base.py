@@ -7,6 +7,10 @@ Policy for unsupported data kinds: every sink accepts every call. A kind of data
 store (arrays on the console, say) is dropped silently, without error or warning; each sink's class
 docstring says what it drops. ``close`` is idempotent; writing after ``close`` is an error.
 
+Policy for failures: a sink whose backend fails (a full disk, a dead writer thread) raises from its next call,
+within seconds and without blocking, and its ``close`` still releases what it can. Whoever writes to several
+sinks (:class:`MultiSink`, the monitor) lets every sink have its call before raising the first error.
+
 How to add another sink (MLflow, W&B)
 -------------------------------------
 Subclass :class:`Sink` and implement its five methods; import the backend's package in your module only.
@@ -44,11 +48,14 @@ Test a new sink by writing a few steps and reading them back with the backend's 
 from __future__ import annotations
 
 import abc
+import functools
 import numbers
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
+
+_T = TypeVar("_T")
 
 
 def check_step(step: int) -> int:
@@ -98,8 +105,8 @@ class Sink(abc.ABC):
 class MultiSink(Sink):
     """Fans every call out to several sinks, in order.
 
-    ``flush`` and ``close`` reach every sink even when one of them raises; the first error is re-raised
-    afterwards.
+    Every call reaches every sink even when one of them raises; the first error is re-raised afterwards
+    (see :func:`call_all`).
 
     Args:
       sinks: the sinks to write to.
@@ -109,30 +116,33 @@ class MultiSink(Sink):
         self.sinks = list(sinks)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        for sink in self.sinks:
-            sink.write_scalars(step, scalars)
+        call_all([functools.partial(sink.write_scalars, step, scalars) for sink in self.sinks])
 
     def write_arrays(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
-        for sink in self.sinks:
-            sink.write_arrays(step, arrays)
+        call_all([functools.partial(sink.write_arrays, step, arrays) for sink in self.sinks])
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
-        for sink in self.sinks:
-            sink.write_hparams(hparams, metrics)
+        call_all([functools.partial(sink.write_hparams, hparams, metrics) for sink in self.sinks])
 
     def flush(self) -> None:
-        _call_all([sink.flush for sink in self.sinks])
+        call_all([sink.flush for sink in self.sinks])
 
     def close(self) -> None:
-        _call_all([sink.close for sink in self.sinks])
+        call_all([sink.close for sink in self.sinks])
 
 
-def _call_all(methods: list) -> None:
-    errors = []
-    for method in methods:
+def call_all(calls: Iterable[Callable[[], _T]]) -> list[_T]:
+    """Makes every call, in order, even when some raise; then raises the first error, or returns their results.
+
+    The one fan-out policy of the sinks and the monitor: a failing sink (a full disk, a dead backend) keeps
+    neither the other sinks from getting their data nor the rest of a shutdown from running.
+    """
+    results, errors = [], []
+    for call in calls:
         try:
-            method()
-        except Exception as error:  # re-raised below, once every sink had its turn
+            results.append(call())
+        except Exception as error:  # re-raised below, once every call had its turn
             errors.append(error)
     if errors:
         raise errors[0]
+    return results

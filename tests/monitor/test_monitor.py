@@ -28,6 +28,28 @@ class RecordingSink:
         self.closed = True
 
 
+class FullDiskSink:
+    """Raises from every call, as a sink on a full disk does."""
+
+    def __init__(self):
+        self.closed = False
+
+    def _fail(self, *args):
+        raise OSError("No space left on device")
+
+    write_scalars = write_arrays = flush = _fail
+
+    def close(self):
+        self.closed = True
+        self._fail()
+
+
+def _blas_threads_now():
+    from ntkcv.monitor import _blas_libraries
+
+    return [library["num_threads"] for library in _blas_libraries().info() if library["user_api"] == "blas"]
+
+
 def _model():
     keys = jax.random.split(jax.random.key(0), 3)
     params = {"w": jax.random.normal(keys[0], (5, 16)), "v": jax.random.normal(keys[1], (16, 3))}
@@ -95,8 +117,9 @@ def test_nan_parameters_log_nan_and_continue():
     sink = RecordingSink()
     monitor = ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_steps=1), sinks=[sink])
     bad = {**params, "w": params["w"].at[0, 0].set(jnp.nan)}
-    with pytest.warns(RuntimeWarning, match="non-finite"):
+    with pytest.warns(RuntimeWarning, match="non-finite") as warned:
         values = monitor(0, bad, loss=float("nan"))
+    assert warned[0].filename == __file__  # points at the call
     assert np.isnan(values["cv/entropy"])
     values = monitor(1, params, loss=0.5)
     assert np.isfinite(values["cv/entropy"])
@@ -109,8 +132,8 @@ def test_bad_input_names_the_problem():
         ntkcv.NTKMonitor(apply_fn)
     with pytest.raises(ValueError, match="one row per probe"):
         ntkcv.NTKMonitor(apply_fn, x, labels=jnp.zeros(3, int))
-    with pytest.raises(ValueError, match="Unknown collective variables"):
-        ntkcv.NTKMonitor(apply_fn, x, cvs=("entropyy",), schedule=ntkcv.Schedule(every_steps=1))(0, params)
+    with pytest.raises(ValueError, match=r"cvs must be .*'effective_entropy'.*got the unknown \['entropyy'\]"):
+        ntkcv.NTKMonitor(apply_fn, x, cvs=("entropy", "entropyy"))
     monitor = ntkcv.NTKMonitor(apply_fn, jnp.ones((4, 7)), schedule=ntkcv.Schedule(every_steps=1))
     with pytest.raises(ValueError, match=r"probe inputs of shape \(4, 7\).*do not fit the model"):
         monitor(0, params)
@@ -251,11 +274,7 @@ def test_blas_threads_are_limited_while_the_monitor_is_open_and_restored_at_clos
 
     apply_fn, params, x = _model()
     libraries = _blas_libraries()
-
-    def blas_threads_now():
-        return [library["num_threads"] for library in libraries.info() if library["user_api"] == "blas"]
-
-    assert blas_threads_now(), "no BLAS library found in this process"
+    assert _blas_threads_now(), "no BLAS library found in this process"
     seen = {}
     with libraries.limit(limits=2, user_api="blas"):  # the libraries' own setting, also on a 1-core machine
         for blas_threads in (1, None):
@@ -264,13 +283,13 @@ def test_blas_threads_are_limited_while_the_monitor_is_open_and_restored_at_clos
             program = monitor._program
 
             def recording(params, x, program=program, blas_threads=blas_threads):
-                seen[blas_threads] = blas_threads_now()
+                seen[blas_threads] = _blas_threads_now()
                 return program(params, x)
 
             monitor._program = recording
             monitor(0, params)
             monitor.close()
-        after = blas_threads_now()
+        after = _blas_threads_now()
     assert seen[1] == [1] * len(after)  # while the firing computed (in the monitor's thread when asynchronous)
     assert seen[None] == after == [2] * len(after)
     with pytest.raises(ValueError, match="blas_threads must be at least 1 or None"):
@@ -295,3 +314,85 @@ def test_the_monitor_compiles_its_program_with_the_quick_options(monkeypatch, tm
             monitor.close()
     assert asked == [{"background": asynchronous}]
     assert any(tmp_path.rglob("*.jaxexport")) == stored
+
+
+def test_a_single_cv_name_may_be_a_string():
+    apply_fn, params, x = _model()
+    monitor = ntkcv.NTKMonitor(apply_fn, x, cvs="effective_entropy", schedule=ntkcv.Schedule(every_steps=1))
+    assert monitor.cvs == ("effective_entropy",)
+    assert {name for name in monitor(0, params) if name.startswith("cv/")} == {"cv/effective_entropy"}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_failing_sink_keeps_neither_the_others_from_their_data_nor_close_from_finishing(asynchronous):
+    from ntkcv.monitor import _blas_libraries
+
+    apply_fn, params, x = _model()
+    failing, fine = FullDiskSink(), RecordingSink()
+    with _blas_libraries().limit(limits=2, user_api="blas"):
+        before = _blas_threads_now()
+        monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",), schedule=ntkcv.Schedule(every_steps=1),
+                                   sinks=[failing, fine], asynchronous=asynchronous)
+        with pytest.raises(OSError, match="No space left"):
+            monitor(0, params, loss=0.5)
+        assert fine.scalars["train/loss"] == [(0, 0.5)]
+        with pytest.raises(OSError, match="No space left"):
+            monitor.flush()
+        assert fine.flushed == 1
+        with pytest.raises(OSError, match="No space left"):
+            monitor.close()
+        assert _blas_threads_now() == before  # restored
+    assert [s for s, _ in fine.scalars["cv/trace"]] == [0] and [s for s, _ in fine.arrays["cv/spectrum"]] == [0]
+    assert failing.closed and fine.closed
+    assert monitor.latest["train/loss"] == 0.5
+    if asynchronous:
+        with pytest.raises(RuntimeError, match="after shutdown"):  # the background thread was stopped
+            monitor._worker.submit(print)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_calls_after_close_raise_and_closing_again_does_nothing(asynchronous):
+    apply_fn, params, x = _model()
+    sink = RecordingSink()
+    monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",), sinks=[sink], asynchronous=asynchronous)
+    monitor(0, params)
+    monitor.close()
+    monitor.close()
+    for call in (lambda: monitor(1, params), monitor.flush):
+        with pytest.raises(ValueError, match="NTKMonitor is closed"):
+            call()
+    assert sink.closed and [s for s, _ in sink.scalars["cv/trace"]] == [0]
+
+
+def test_an_error_in_an_asynchronous_firing_reaches_the_caller_after_the_other_data_was_written(monkeypatch):
+    import threading
+
+    apply_fn, params, x = _model()
+    sink = RecordingSink()
+    monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",), schedule=ntkcv.Schedule(every_steps=1), sinks=[sink],
+                               asynchronous=True, max_pending=3)
+    measure, firings, release = monitor._measure, [], threading.Event()
+
+    def failing_at_steps_1_and_5(params, x):
+        step = len(firings)
+        firings.append(step)
+        if step == 5:
+            release.wait()  # still running when close() is called
+        if step in (1, 5):
+            raise RuntimeError(f"the firing of step {step} failed")
+        return measure(params, x)
+
+    monkeypatch.setattr(monitor, "_measure", failing_at_steps_1_and_5)
+    for step in range(3):
+        monitor(step, params, loss=float(step))
+    monitor._worker.submit(lambda: None).result()  # every firing so far has finished
+    with pytest.raises(RuntimeError, match="step 1 failed"):  # at the next call
+        monitor(3, params, loss=3.0)
+    assert [s for s, _ in sink.scalars["train/loss"]] == [0, 1, 2, 3]  # this call's scalars were written
+    assert [s for s, _ in sink.scalars["cv/trace"]] == [0, 2]  # the firing after the failed one too
+    monitor(4, params)
+    monitor(5, params)
+    release.set()
+    with pytest.raises(RuntimeError, match="step 5 failed"):
+        monitor.close()
+    assert [s for s, _ in sink.scalars["cv/trace"]] == [0, 2, 3, 4] and sink.closed

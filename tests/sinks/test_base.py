@@ -2,17 +2,19 @@ import numpy as np
 import pytest
 
 from ntkcv.sinks import MultiSink, Sink
-from ntkcv.sinks.base import check_step
+from ntkcv.sinks.base import call_all, check_step
 
 
 class RecordingSink(Sink):
     """A fake sink that records every call."""
 
-    def __init__(self, fail_on_close: bool = False):
-        self.calls, self.fail_on_close = [], fail_on_close
+    def __init__(self, fail_on_close: bool = False, fail_on_write: bool = False):
+        self.calls, self.fail_on_close, self.fail_on_write = [], fail_on_close, fail_on_write
 
     def write_scalars(self, step, scalars):
         self.calls.append(("scalars", step, dict(scalars)))
+        if self.fail_on_write:
+            raise OSError("disk full")
 
     def write_arrays(self, step, arrays):
         self.calls.append(("arrays", step, dict(arrays)))
@@ -50,6 +52,26 @@ def test_multisink_closes_every_sink_then_raises_first_error():
     with pytest.raises(OSError, match="disk gone"):
         MultiSink([failing, fine]).close()
     assert fine.calls == [("close",)]
+
+
+def test_multisink_writes_to_every_sink_then_raises_first_error():
+    failing, fine = RecordingSink(fail_on_write=True), RecordingSink()
+    with pytest.raises(OSError, match="disk full"):
+        MultiSink([failing, fine]).write_scalars(3, {"train/loss": 0.5})
+    assert fine.calls == failing.calls == [("scalars", 3, {"train/loss": 0.5})]
+
+
+def test_call_all_makes_every_call_then_raises_the_first_error():
+    made = []
+
+    def fail(message):
+        made.append(message)
+        raise ValueError(message)
+
+    with pytest.raises(ValueError, match="first"):
+        call_all([lambda: fail("first"), lambda: made.append("fine"), lambda: fail("second")])
+    assert made == ["first", "fine", "second"]
+    assert call_all([lambda: 1, lambda: "two"]) == [1, "two"] and call_all([]) == []
 
 
 def test_sink_is_abstract():

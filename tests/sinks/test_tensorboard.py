@@ -1,4 +1,8 @@
+import errno
 import os
+import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboardX.record_writer import RecordWriter
 
 from ntkcv.sinks import TensorBoardSink
 
@@ -108,3 +113,72 @@ def test_flush_secs_is_passed_through_and_flush_makes_events_readable(tmp_path):
 def test_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         TensorBoardSink(tmp_path, **kwargs)
+
+
+def _within(seconds, function):
+    """Returns ``function()``, run in a thread; fails instead of hanging if it takes longer than ``seconds``."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _full_disk(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_raises_from_the_next_write_instead_of_blocking(tmp_path, monkeypatch):
+    sink = TensorBoardSink(tmp_path, max_queue=2)  # a dead writer thread would block the third put
+    monkeypatch.setattr(RecordWriter, "write", _full_disk)
+
+    def write_until_it_raises():
+        started = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            for step in range(100_000):
+                sink.write_scalars(step, {"train/loss": 1.0})
+        return raised.value, time.monotonic() - started
+
+    error, seconds = _within(10, write_until_it_raises)
+    assert seconds < 5
+    assert error.errno == errno.ENOSPC and isinstance(error.__cause__, OSError)
+    assert str(tmp_path) in str(error) and "No space left on device" in str(error)
+    for call in (sink.flush, lambda: sink.write_arrays(1, {"cv/spectrum": np.ones(3)}),
+                 lambda: sink.write_hparams({"lr": 0.1})):
+        with pytest.raises(OSError, match="No space left on device"):
+            _within(10, call)
+    _within(10, sink.close)  # the failure was raised already; the thread stops and the file is closed
+    assert sink._events._closed and sink._file._file._writer.closed
+    sink.close()
+
+
+def test_close_raises_a_failure_not_raised_before(tmp_path, monkeypatch):
+    sink = TensorBoardSink(tmp_path)
+    monkeypatch.setattr(RecordWriter, "flush", _full_disk)
+    sink.write_scalars(0, {"train/loss": 1.0})
+    with pytest.raises(OSError, match=re.escape(f"{tmp_path}: No space left on device")):
+        _within(10, sink.close)
+    sink.close()
+
+
+def test_a_stopped_writer_thread_raises_and_close_does_not_block(tmp_path):
+    sink = TensorBoardSink(tmp_path, max_queue=2, layout=None)
+    sink._events._worker.stop()  # as if it had died
+    with pytest.raises(OSError, match="writer thread stopped"):
+        sink.write_scalars(0, {"train/loss": 1.0})
+    for step in range(2):  # fill its queue behind the sink's back
+        sink._writer.add_scalar("train/loss", 1.0, step)
+    with pytest.raises(OSError, match="writer thread stopped"):
+        _within(10, sink.flush)
+    _within(10, sink.close)
+    assert scalars(read(tmp_path), "train/loss") == [(0, 1.0), (1, 1.0)]  # a new thread wrote the queue out
