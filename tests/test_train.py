@@ -194,3 +194,29 @@ def test_a_second_writer_is_refused_while_a_run_lives_and_the_run_loses_nothing(
     finally:
         first.kill()
     assert _logged_steps(run_dir, "train/loss") == (list(range(3000)), list(range(3000)))
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_refused_without_resume_and_resumed_from_its_start(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "ntkcv.cli", "train"]
+    overrides = {**SMALL, "train.steps": 2000, "output.checkpoint_every": 5000, "output.dir": str(run_dir)}
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not (run_dir / "ntkcv.h5").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)  # some steps logged; the only checkpoint is after the last step
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not any((run_dir / "checkpoints").glob("[0-9]*"))
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 2
+    assert rerun.stderr.splitlines()[-1] == (f"ntkcv train: {run_dir} already holds a run: pass --resume to continue "
+                                             "it (from its latest checkpoint, or from its start if it has none), or "
+                                             "choose another output.dir")
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _logged_steps(run_dir, "train/loss") == (list(range(2000)), list(range(2000)))
+    assert _logged_steps(run_dir, "cv/entropy") == ([*range(0, 2000, 10), 1999], [*range(0, 2000, 10), 1999])
