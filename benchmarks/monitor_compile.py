@@ -52,9 +52,11 @@ def _child(name: str, first: str) -> None:
     module = make_model(config.model.kind, num_outputs=data.num_classes, **_model_options(config))
     params = module.init(jax.random.key(config.train.seed), jnp.asarray(data.x_train[:1]))["params"]
     x, labels = probe_subset(data.x_train, data.y_train, d.probe_size, config.train.seed)
-    monitor = ntkcv.NTKMonitor(lambda p, x: module.apply({"params": p}, x), x, labels=labels, cvs=config.monitor.cvs)
-    args = (params, monitor.probes, monitor.labels)
-    lowered = jax.jit(monitor._compute).lower(*args)  # the monitor's program, compiled here with either options
+    measurement = ntkcv.make_measurement(lambda p, x: module.apply({"params": p}, x), cvs=config.monitor.cvs,
+                                         num_classes=int(labels.max()) + 1)
+    probe_sets = {"": {"inputs": jnp.asarray(x), "labels": jnp.asarray(labels)}}
+    args = (params, probe_sets, measurement.init(params, probe_sets), jnp.int32(0))
+    lowered = jax.jit(measurement.apply).lower(*args)  # the monitor's program, compiled here with either options
     options = {"default": {}, "quick": quick_compile_options(), "background": quick_compile_options(background=True)}
     result = {}
     for variant in (first, *(v for v in VARIANTS if v != first)):
@@ -68,7 +70,7 @@ def _child(name: str, first: str) -> None:
             jax.block_until_ready(result[variant]["program"](*args))
             result[variant]["runs"].append(time.perf_counter() - start)
     for r in result.values():
-        values, _ = jax.device_get(r.pop("program")(*args))
+        values, _, _ = jax.device_get(r.pop("program")(*args))
         r.update(run_ms=1e3 * float(np.median(r.pop("runs"))), values={k: float(v) for k, v in values.items()})
     print(json.dumps(result))
 

@@ -5,7 +5,9 @@
 
 The monitored run computes entropy and trace of the 256-probe output-traced NTK every 50 steps (the
 issue's cadence), in a background thread (``monitor.asynchronous``, the default of ``ntkcv train``) and,
-for comparison, inside the loop; all runs write the training scalars to TensorBoard and HDF5. Each mode runs
+for comparison, inside the loop; a fourth run has everything on: two probe sets of 256 (train and test), drift,
+velocity and the per-layer kernels' trace share and entropy. All runs write the training scalars to TensorBoard
+and HDF5. Each mode runs
 twice over: *cold*, with an empty compilation cache (a model and shapes run for the first time on this
 machine: everything is compiled), and *warm*, with JAX's persistent compilation cache filled by an earlier,
 uncounted run of the same mode (what ``ntkcv train`` does on a rerun, and in a sweep after its first run).
@@ -31,7 +33,11 @@ import tempfile
 import numpy as np
 
 MODES = {"off": "without monitor", "on": "with monitor, asynchronous (default)",
-         "sync": "with monitor, in the loop (monitor.asynchronous=false)"}
+         "sync": "with monitor, in the loop (monitor.asynchronous=false)",
+         "full": "asynchronous, train and test probes, drift, velocity, per-layer CVs"}
+#: Monitor settings per mode: one probe set and its entropy and trace (the issue's run), or everything on.
+SETTINGS = {"off": {"monitor.enabled": False}, "on": {}, "sync": {"monitor.asynchronous": False},
+            "full": {"monitor.probe_sets": ["train", "test"], "monitor.drift": True, "monitor.layers": True}}
 CACHES = ("cold", "warm")
 
 
@@ -43,11 +49,10 @@ def _child(mode: str, steps: int, cache: str) -> None:
     from ntkcv.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(None, {"train.steps": steps, "monitor.enabled": mode != "off",
-                                    "monitor.asynchronous": mode == "on",
-                                    "monitor.cvs": ["entropy", "trace"], "monitor.weight_metrics": False,
-                                    "output.progress": False, "output.dir": tmp,
-                                    "output.compilation_cache": cache or f"{tmp}/cache"})
+        config = load_config(None, {"train.steps": steps, "monitor.cvs": ["entropy", "trace"],
+                                    "monitor.weight_metrics": False, "monitor.probe_sets": ["train"],
+                                    "monitor.drift": False, **SETTINGS[mode], "output.progress": False,
+                                    "output.dir": tmp, "output.compilation_cache": cache or f"{tmp}/cache"})
         start = time.perf_counter()
         result = train(config)
         seconds = time.perf_counter() - start
@@ -143,7 +148,8 @@ def main() -> None:
             overhead, interval = summary[f"{prefix}overhead"][cache], summary[f"{prefix}overhead_interval"][cache]
             print(f"overhead of the monitor, {what} ({steps} steps, {cache}; median, 95 % interval of the median): "
                   f"{overhead['on']:.1%} [{interval['on'][0]:.1%}, {interval['on'][1]:.1%}] asynchronous, "
-                  f"{overhead['sync']:.1%} [{interval['sync'][0]:.1%}, {interval['sync'][1]:.1%}] in the loop")
+                  f"{overhead['sync']:.1%} [{interval['sync'][0]:.1%}, {interval['sync'][1]:.1%}] in the loop, "
+                  f"{overhead['full']:.1%} [{interval['full'][0]:.1%}, {interval['full'][1]:.1%}] everything on")
     suffix = "-quick" if args.quick else "" if steps == 1000 else f"-{steps}"
     path = write_result(f"monitor_overhead{suffix}",
                         {"steps": steps, "repeats": args.repeats, "runs": runs, **summary})

@@ -43,11 +43,11 @@ def argument_signature(args: Any) -> tuple:
     return tree, tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf)))) for leaf in leaves)
 
 
-def program_key(model_fn: Callable, args: tuple, settings: dict[str, Any]) -> str:
-    """A key for the program built from ``model_fn`` at ``args`` (a pytree whose first two items are the model's
-    params and inputs): the model's jaxpr and constants, the argument tree and shapes, ``settings``, the JAX and
-    ntkcv versions, the devices and the memory budget that the NTK's tiling planned for."""
-    closed = jax.make_jaxpr(model_fn)(*args[:2])
+def program_key(model_fn: Callable, model_args: tuple, args: tuple, settings: dict[str, Any]) -> str:
+    """A key for the program built from ``model_fn`` at ``args``: the jaxpr and constants of ``model_fn`` at
+    ``model_args`` (the model's params and inputs), the argument tree and shapes, ``settings``, the JAX and ntkcv
+    versions, the devices and the memory budget that the NTK's tiling planned for."""
+    closed = jax.make_jaxpr(model_fn)(*model_args)
     tree, avals = argument_signature(args)
     parts = (str(closed.jaxpr), str(tree), repr(avals), repr(sorted(settings.items())),
              jax.__version__, _source_digest(), repr([d.device_kind for d in jax.local_devices()]),

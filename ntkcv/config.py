@@ -79,6 +79,14 @@ class MonitorConfig:
     every_steps: int = 50
     log_spaced: int = 0  # extra log-spaced steps in [1, steps] (0: none)
     cvs: tuple[str, ...] = ("entropy", "effective_entropy", "trace", "target_alignment")
+    # the NTK's probe sets: "train" (data.probe_size training examples, or all with data.probe_set "train") and
+    # "test" (data.probe_size test examples); with two, CVs are cv/<set>/<name>, with one cv/<name>
+    probe_sets: tuple[Literal["train", "test"], ...] = ("train", "test")
+    drift: bool = True  # relative_distance and cosine_distance to the first firing's kernel, and kernel_velocity
+    cross: bool = False  # the test × train cross kernel's frobenius_norm and target_alignment (both probe sets)
+    layers: bool = False  # a kernel per layer (Θ = Σ_l Θ_l) and its layer_cvs, as cv/[<set>/]layer/<layer>/<name>
+    layer_cvs: tuple[str, ...] = ("trace_share", "entropy")
+    layer_weight_metrics: bool = False  # weight-spectrum metrics of every layer, as weights/<layer>/<metric>
     trace_axes: tuple[int, ...] = (-1,)
     implementation: Literal["auto", "jacobian", "ntvp", "structured"] = "auto"
     matrix_free: bool | Literal["auto"] = False  # "auto": the cheaper of exact and matrix-free per probe shape
@@ -239,27 +247,42 @@ def _check_model(config: RunConfig) -> None:
         raise ConfigError(f"model.heads must divide model.dim ({model.dim}), got {model.heads}")
 
 
-_MATRIX_FREE_CVS = ("entropy", "trace")  # what NTKMonitor estimates matrix-free
-
-
 def _check_monitor(config: RunConfig) -> None:
-    from ntkcv.cv import AVAILABLE
     from ntkcv.cv.collect import CLASSWISE, REQUIREMENTS
+    from ntkcv.measurement import ESTIMABLE, NAMES
     from ntkcv.ntk.layout import make_layout
 
-    monitor, name = config.monitor, config.data.name
-    regression = DATASET_INFO[name].task == "regression"
-    for i, cv in enumerate(monitor.cvs):
-        if cv not in AVAILABLE:
-            raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, AVAILABLE))}; got {cv!r}")
-        if REQUIREMENTS[cv] == "reference":  # ntkcv train gives the probes' labels or targets, no reference kernel
-            raise ConfigError(f"monitor.cvs[{i}] {cv!r} needs a reference kernel, which ntkcv train does not keep")
-        if cv in CLASSWISE and regression:
-            raise ConfigError(f"monitor.cvs[{i}] {cv!r} needs class labels, and data set {name!r} is a regression "
-                              "task")
-        if monitor.matrix_free is True and cv not in _MATRIX_FREE_CVS:
-            raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, _MATRIX_FREE_CVS))} with "
-                              f"monitor.matrix_free true (set it to false or 'auto' for the others); got {cv!r}")
+    monitor, data = config.monitor, config.data
+    regression = DATASET_INFO[data.name].task == "regression"
+    for key, names, allowed in (("cvs", monitor.cvs, NAMES),
+                                ("layer_cvs", monitor.layer_cvs,
+                                 ("trace_share", *(n for n in REQUIREMENTS if REQUIREMENTS[n] != "reference")))):
+        for i, cv in enumerate(names):
+            if cv not in allowed:
+                raise ConfigError(f"monitor.{key}[{i}] must be one of {', '.join(map(repr, allowed))}; got {cv!r}")
+            if cv in CLASSWISE and regression:
+                raise ConfigError(f"monitor.{key}[{i}] {cv!r} needs class labels, and data set {data.name!r} is a "
+                                  "regression task")
+    if monitor.matrix_free is True:
+        for i, cv in enumerate(monitor.cvs):
+            if cv not in ESTIMABLE:
+                raise ConfigError(f"monitor.cvs[{i}] must be one of {', '.join(map(repr, ESTIMABLE))} with "
+                                  f"monitor.matrix_free true (set it to false or 'auto' for the others); got {cv!r}")
+        for key in ("drift", "cross", "layers"):
+            if getattr(monitor, key):
+                raise ConfigError(f"monitor.{key} must be false with monitor.matrix_free true (the estimators give "
+                                  "entropy and trace only)")
+    if not monitor.probe_sets or len(set(monitor.probe_sets)) != len(monitor.probe_sets):
+        raise ConfigError(f"monitor.probe_sets must name each of its sets ('train', 'test') once; got "
+                          f"{list(monitor.probe_sets)}")
+    test_examples = data.test_size or DATASET_INFO[data.name].test_examples
+    if "test" in monitor.probe_sets and data.probe_size > test_examples:
+        raise ConfigError(f"data.probe_size must be at most {test_examples} (the test examples) with the probe set "
+                          f"'test' in monitor.probe_sets, got {data.probe_size}")
+    if monitor.cross and set(monitor.probe_sets) != {"train", "test"}:
+        raise ConfigError(f"monitor.cross needs monitor.probe_sets [train, test]; got {list(monitor.probe_sets)}")
+    if monitor.cross and tuple(monitor.trace_axes) == ():
+        raise ConfigError("monitor.cross needs a traced kernel: monitor.trace_axes [-1], not []")
     try:
         make_layout((1, 1), monitor.trace_axes)  # checked as ntk_fn checks it on the models' (N, C) outputs
     except ValueError:

@@ -1,11 +1,16 @@
-"""The training monitor: call it from any training loop; it computes NTK collective variables on a
-schedule and writes them, with the loop's own scalars, to its sinks.
+"""The training monitor: call it from any training loop; it measures the NTK on a schedule and writes the
+collective variables, with the loop's own scalars, to its sinks.
+
+It wires three parts, each usable alone: a :class:`~ntkcv.Schedule` (when to fire), a measurement
+(:func:`ntkcv.measurement.make_measurement`: what a firing computes, one pure jitted function with explicit state)
+and a :class:`~ntkcv.recorder.Recorder` (runs firings now or in the background and writes to the sinks).
 
 Example::
 
-    monitor = ntkcv.NTKMonitor(model, probes=x_probe, labels=y_probe,
-                               schedule=ntkcv.Schedule(every_steps=50),
-                               sinks=[TensorBoardSink("runs/mlp")])
+    monitor = ntkcv.NTKMonitor(model, probes={"train": x_train[:256], "test": x_test[:256]},
+                               labels={"train": y_train[:256], "test": y_test[:256]},
+                               cvs=("entropy", "trace", "relative_distance", "kernel_velocity"),
+                               schedule=ntkcv.Schedule(every_steps=50), sinks=[TensorBoardSink("runs/mlp")])
     for step in range(num_steps):
         params, opt_state, loss = train_step(params, opt_state, batch)
         monitor(step, params, loss=loss)
@@ -14,63 +19,34 @@ Example::
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import functools
-import logging
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ntkcv._program_store import argument_signature, program_key, stored_program
-from ntkcv.cv import AVAILABLE, collective_variables, spectrum, weight_spectra
-from ntkcv.cv.estimators import entropy_slq, trace_hutchpp
+from ntkcv.cv import weight_spectra
+from ntkcv.measurement import (
+    DRIFT,
+    VELOCITY,
+    ProbeSets,
+    State,
+    UserMeasurement,
+    check_labels,
+    make_measurement,
+    prefer_matrix_free,
+    split_cvs,
+    with_reference,
+)
 from ntkcv.models import Model
-from ntkcv.ntk import matvec_flops, ntk_fn, ntk_operator
 from ntkcv.ntk.compilation import quick_compile_options
-from ntkcv.ntk.layout import output_layout
+from ntkcv.recorder import Recorder
 from ntkcv.schedule import Schedule
-from ntkcv.sinks.base import call_all
 
-logger = logging.getLogger("ntkcv.monitor")
-
-
-#: Effective FLOPs per n³ of ``eigvalsh`` on an n × n kernel, calibrated on the cv_scale benchmark.
-EIGH_FLOPS_PER_N3 = 10.0
-
-
-@functools.cache
-def _blas_libraries() -> Any:
-    """The BLAS/LAPACK libraries loaded in this process (a ``threadpoolctl.ThreadpoolController``), among them
-    the LAPACK that XLA's CPU eigendecompositions call: jaxlib takes it from SciPy, which is loaded first."""
-    import scipy.linalg  # noqa: F401
-    import threadpoolctl
-
-    return threadpoolctl.ThreadpoolController()
-
-
-def prefer_matrix_free(apply_fn: Callable, params: Any, x: jax.Array, *, trace_axes: Sequence[int],
-                       num_probes: int, num_matvecs: int) -> bool:
-    """Whether the matrix-free estimators are cheaper than the exact eigendecomposition for these shapes."""
-    kept = output_layout(apply_fn, params, x, trace_axes).kept_size
-    exact = EIGH_FLOPS_PER_N3 * float(x.shape[0] * kept) ** 3
-    estimated = num_probes * num_matvecs * matvec_flops(apply_fn, params, x, trace_axes=trace_axes)
-    logger.debug("exact %.3g vs matrix-free %.3g FLOPs", exact, estimated)
-    return estimated < exact
-
-
-def _write_step(sink: Any, step: int, values: dict[str, float], arrays: dict[str, np.ndarray]) -> None:
-    """Writes one step's scalars and arrays to ``sink``."""
-    if values:
-        sink.write_scalars(step, values)
-    if arrays:
-        sink.write_arrays(step, arrays)
-
+__all__ = ["BATCH", "NTKMonitor", "prefer_matrix_free"]
 
 class _HookState(NamedTuple):
     step: jax.Array  # updates seen by the optax transform
@@ -84,50 +60,53 @@ class NTKMonitor:
     Args:
       model: a :class:`ntkcv.Model` (from ``from_linen``/``from_nnx``/``from_function``) or a plain
         ``apply_fn(params, x)``.
-      probes: probe inputs ``(N, …)``, fixed over training, or ``"batch"`` to use the ``batch`` passed
+      probes: probe inputs ``(N, …)``, fixed over training; a mapping of named probe sets (``{"train": x_tr,
+        "test": x_te}``), whose CVs are written as ``cv/<set>/<name>``; or ``"batch"`` to use the ``batch`` passed
         to each call.
-      labels: probe labels (integer ``(N,)`` or targets ``(N, C)``) for the alignment and class-wise CVs.
+      labels: probe labels (integer ``(N,)`` or targets ``(N, C)``) for the alignment and class-wise CVs; with
+        named probe sets, a mapping with the labels of some or all sets.
       schedule: when to compute (default every 100 steps).
-      cvs: names from :data:`ntkcv.cv.AVAILABLE` (exact), or ``"entropy"``/``"trace"`` when
-        ``matrix_free`` is set; one name alone may be given as a string; ``()`` computes no NTK (the monitor
-        then only records scalars).
+      cvs: names from :data:`ntkcv.measurement.NAMES` (one name alone may be a string): the CVs of
+        :data:`ntkcv.cv.AVAILABLE`, the drift CVs against the first firing's kernel (or ``reference``) and
+        ``kernel_velocity``; and your own measurements, functions of a :class:`ntkcv.measurement.Context` (see
+        :mod:`ntkcv.measurement`). ``()`` computes no NTK (the monitor then only records scalars). CVs that need
+        labels on a set without them are refused here, not at the first firing.
+      reference: the drift reference kernel instead of the first firing's: an array, or a mapping per probe set.
+      groups: per-layer kernels Θ = Σ_g Θ_g: ``"layers"`` (one group per layer) or a mapping of group names to
+        parameter path patterns (see :func:`ntkcv.ntk_fn`); their ``layer_cvs`` are written as
+        ``cv/layer/<group>/<name>``.
+      layer_cvs: ``trace_share`` (tr Θ_g / tr Θ) and CVs of :data:`ntkcv.cv.AVAILABLE` of each group's kernel.
+      cross: two probe-set names ``(a, b)``: the Frobenius norm and target alignment of the cross kernel
+        Θ(x_a, x_b), as ``cv/cross/<a>/<b>/<name>``.
       matrix_free: estimate entropy and trace from the matrix-free operator (stochastic Lanczos
         quadrature and Hutch++) instead of building Θ; values come with standard errors
-        (``cv/<name>_stderr``). ``"auto"`` decides per probe shape by estimated cost: exact costs
-        ``EIGH_FLOPS_PER_N3 · n³`` for the eigendecomposition of the ``n × n`` kernel (its build is
-        cheap with the structured path), matrix-free ``num_probes · num_matvecs`` operator products
-        (:func:`ntkcv.ntk.matvec_flops`); the smaller wins (only when ``cvs`` ⊆ {entropy, trace}).
+        (``cv/<name>_stderr``). ``"auto"`` decides per probe shape by estimated cost (only when ``cvs`` ⊆
+        {entropy, trace}; see :func:`ntkcv.measurement.prefer_matrix_free`).
       num_probes, num_matvecs, seed: budget and randomness of the matrix-free estimators.
-      log_spectrum: also write the eigenvalue spectrum as an array (a histogram in TensorBoard).
-      weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``).
+      log_spectrum: also write the eigenvalue spectrum as an array (``cv/spectrum``).
+      weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``, see
+        :func:`ntkcv.cv.weight_spectra`); ``"layers"``: also each layer's metrics (``weights/<layer>/<metric>``).
       trace_axes, implementation: passed to :func:`ntkcv.ntk_fn`.
-      sinks: objects with ``write_scalars``, ``write_arrays``, ``flush`` and ``close``, kept in the list
-        :attr:`sinks`; a sink appended to it later receives what is written from then on. A sink that raises
-        does not keep the others from their data, nor :meth:`flush` and :meth:`close` from reaching every
-        sink: the first error is raised after (:func:`ntkcv.sinks.base.call_all`).
-      blas_threads: threads of the BLAS/LAPACK libraries (OpenBLAS, MKL, via ``threadpoolctl``) from
-        construction to :meth:`close`; they run the CPU eigendecomposition. ``1`` (default): OpenBLAS's idle
-        threads busy-wait after each call, on the cores the training loop and XLA need (on 2 cores the
-        monitor's program took 7.8 ms instead of 6.3 ms, and the next training steps slowed); ``None``
-        leaves the libraries' setting. The limit is process-wide; it does not touch accelerators.
-      asynchronous: compute the CVs in a background thread, so the training loop never waits for a
-        compilation or a kernel: a firing hands over (a device copy of) the parameters and returns at
-        once; results reach the sinks, with their own step, at a later call, at :meth:`flush` or at
-        :meth:`close`. At most ``max_pending`` firings wait; one more blocks until the oldest is done. With
-        an :class:`ntkcv.Model` and fixed probes, the computation compiles in the background from the start.
-        A firing that raised raises at the next call, :meth:`flush` or :meth:`close`, after the other results
-        and this call's scalars were written.
+      sinks, blas_threads, asynchronous, max_pending: the :class:`~ntkcv.recorder.Recorder`'s. ``sinks`` is kept
+        in the list :attr:`sinks` (a sink appended later receives what is written from then on); ``blas_threads``
+        limits the BLAS/LAPACK threads while a firing runs, and leaves them as they were otherwise;
+        ``asynchronous`` computes in a background thread, so that a firing hands over (a device copy of) the
+        parameters and returns at once; results reach the sinks, with their own step, at a later call, at
+        :meth:`flush` or at :meth:`close`. With an :class:`ntkcv.Model` and fixed probes, the computation then
+        compiles in the background from the start.
 
-    Calling ``monitor(step, params, batch=None, **scalars)`` writes ``scalars`` under ``train/…`` on
-    every call and, when the schedule fires, the CVs under ``cv/…``; it returns what it wrote in this
-    call as host floats (the CVs of this step unless ``asynchronous``; then those finished since the
-    last call, see :attr:`latest` for the newest value of every name). The computation is jitted once
-    per probe shape (:attr:`trace_count` counts the programs made; on CPU with the quicker-compiling options of
-    :func:`ntkcv.ntk.compilation.quick_compile_options`); results are fetched with one ``jax.device_get`` per
-    firing. While JAX's persistent compilation cache is on (``jax_compilation_cache_dir``; ``ntkcv train`` turns
-    it on), the traced program is also stored beside it with :mod:`jax.export`, so a later run of the same model,
-    shapes and settings neither traces nor compiles it. Non-finite CVs are logged as NaN with a warning; they
-    never raise. After :meth:`close`, calls and :meth:`flush` raise ``ValueError``.
+    Calling ``monitor(step, params, batch=None, **scalars)`` writes ``scalars`` under ``train/…`` on every call and,
+    when the schedule fires, the measurements under ``cv/…``; it returns what it wrote in this call as host floats
+    (the CVs of this step unless ``asynchronous``; then those finished since the last call, see :attr:`latest` for
+    the newest value of every name). The measurement is jitted once per probe shape (:attr:`trace_count` counts the
+    programs made; on CPU with the quicker-compiling options of :func:`ntkcv.ntk.compilation.quick_compile_options`).
+    While JAX's persistent compilation cache is on (``jax_compilation_cache_dir``; ``ntkcv train`` turns it on), the
+    traced program is also stored beside it with :mod:`jax.export`, so a later run of the same model, shapes and
+    settings neither traces nor compiles it (not with user measurements, whose code the store cannot key).
+    Non-finite CVs are logged as NaN with a warning; they never raise. After :meth:`close`, calls raise
+    ``ValueError``. :attr:`state` is what the measurement carries across firings (the drift reference and the
+    previous kernel): save it with a checkpoint (after :meth:`flush`) and set it again on resuming, and a resumed run
+    logs the same drift and velocity as an uninterrupted one.
     """
 
     def __init__(
@@ -137,13 +116,17 @@ class NTKMonitor:
         *,
         labels: Any = None,
         schedule: Schedule | None = None,
-        cvs: str | Sequence[str] = ("entropy", "effective_entropy", "trace"),
+        cvs: str | Sequence[str | UserMeasurement] = ("entropy", "effective_entropy", "trace"),
+        reference: Any = None,
+        groups: Any = None,
+        layer_cvs: Sequence[str] = ("trace_share", "entropy"),
+        cross: tuple[str, str] | None = None,
         matrix_free: bool | str = False,
         num_probes: int = 30,
         num_matvecs: int = 30,
         seed: int = 0,
         log_spectrum: bool = True,
-        weight_metrics: bool = False,
+        weight_metrics: bool | str = False,
         trace_axes: Sequence[int] = (-1,),
         implementation: str = "auto",
         sinks: Sequence[Any] = (),
@@ -154,156 +137,133 @@ class NTKMonitor:
         self.apply_fn = model.apply_fn if isinstance(model, Model) else model
         if not callable(self.apply_fn):
             raise TypeError(f"model must be an ntkcv.Model or a callable apply_fn, got {type(model).__name__}")
-        if probes is None:
-            raise ValueError("probes must be an array of probe inputs (N, ...) or 'batch'")
-        if isinstance(probes, str) and probes != BATCH:
-            raise ValueError(f"probes must be an array or {BATCH!r}, got {probes!r}")
-        self.probes = probes if isinstance(probes, str) else jnp.asarray(probes)
-        self.labels = None if labels is None else jnp.asarray(labels)
-        if self.labels is not None and not isinstance(probes, str) and self.labels.shape[0] != self.probes.shape[0]:
-            raise ValueError(f"labels must have one row per probe: {self.probes.shape[0]} probes, "
-                             f"labels of shape {self.labels.shape}")
+        self.probes, self.labels = _probe_sets(probes, labels)
         self.schedule = schedule or Schedule(every_steps=100)
         self.cvs = (cvs,) if isinstance(cvs, str) else tuple(cvs)
-        unknown = [name for name in self.cvs if name not in AVAILABLE]
-        if unknown:
-            raise ValueError(f"cvs must be names of collective variables, any of {list(AVAILABLE)}; "
-                             f"got the unknown {unknown}")
-        if matrix_free not in (True, False, "auto"):
-            raise ValueError(f"matrix_free must be True, False or 'auto', got {matrix_free!r}")
-        estimable = set(self.cvs) <= {"entropy", "trace"}
-        if matrix_free is True and not estimable:
-            raise ValueError(f"matrix_free supports the cvs 'entropy' and 'trace', got {list(self.cvs)}")
-        self.matrix_free, self.log_spectrum, self.weight_metrics = matrix_free, log_spectrum, weight_metrics
-        self.sinks = list(sinks)
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
-        self.max_pending = max_pending
-        if blas_threads is not None and blas_threads < 1:
-            raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads!r}")
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, "ntkcv-monitor") if asynchronous else None
-        self._closed = False
-        self._pending: collections.deque = collections.deque()  # futures of (step, values, arrays), in order
-        self.latest: dict[str, float] = {}  # the newest value written under each name
-        self.trace_count = 0  # programs made for the CV computation (traced or loaded from the store)
-        self._programs: dict[Any, Callable] = {}  # per signature of (params, probes)
+        names, functions = split_cvs(self.cvs)
+        labelled = {name: None if self.labels.get(name) is None else
+                    ("integer" if jnp.issubdtype(self.labels[name].dtype, jnp.integer) else "targets")
+                    for name in (self.probes if isinstance(self.probes, dict) else {"": None})}
+        check_labels(names, labelled, cross=cross, layer_cvs=layer_cvs if groups is not None else ())
+        integer = [labels for labels in self.labels.values() if jnp.issubdtype(labels.dtype, jnp.integer)]
+        num_classes = max(int(labels.max()) for labels in integer) + 1 if integer else None
+        if weight_metrics not in (True, False, "layers"):
+            raise ValueError(f"weight_metrics must be True, False or 'layers', got {weight_metrics!r}")
+        self.weight_metrics = weight_metrics
+        self._measurement = make_measurement(
+            self.apply_fn, cvs=self.cvs, trace_axes=trace_axes, implementation=implementation,
+            log_spectrum=log_spectrum, num_classes=num_classes, groups=groups, layer_cvs=layer_cvs, cross=cross,
+            matrix_free=matrix_free, num_probes=num_probes, num_matvecs=num_matvecs, seed=seed)
+        self._recorder = Recorder(sinks, asynchronous=asynchronous, max_pending=max_pending,
+                                  blas_threads=blas_threads)
+        self.trace_count = 0  # programs made for the measurement (traced or loaded from the store)
+        self._programs: dict[Any, Callable] = {}  # per signature of the program's arguments
         self._checked_shapes: set = set()
-        # No in-graph warnings: _write warns about non-finite CVs on the host, and a program without host
-        # callbacks can be stored by JAX's persistent compilation cache.
-        kernel_fn = ntk_fn(self.apply_fn, trace_axes=trace_axes, implementation=implementation, warn=False)
-        num_classes = None
-        if self.labels is not None and jnp.issubdtype(self.labels.dtype, jnp.integer):
-            num_classes = int(self.labels.max()) + 1
-
-        def exact(params, x, labels):
-            kernel = kernel_fn(params, x)
-            eigenvalues = spectrum(kernel, warn=False) if log_spectrum else None  # shared with the CVs
-            values = collective_variables(kernel, self.cvs, labels=labels, num_classes=num_classes,
-                                          eigenvalues=eigenvalues, warn=False)
-            return values, eigenvalues
-
-        def estimated(params, x, labels):
-            op = ntk_operator(self.apply_fn, params, x, trace_axes=trace_axes)
-            key_entropy, key_trace = jax.random.split(jax.random.key(seed))
-            values = {}
-            if "entropy" in self.cvs:
-                est = entropy_slq(op.matvec, key_entropy, n=op.dim, num_probes=num_probes,
-                                  num_matvecs=min(num_matvecs, op.dim), dtype=op.dtype)
-                values.update(entropy=est.value, entropy_stderr=est.stderr)
-            if "trace" in self.cvs:
-                est = trace_hutchpp(op.matvec, key_trace, n=op.dim, num_matvecs=min(num_probes, 3 * op.dim),
-                                    dtype=op.dtype)
-                values.update(trace=est.value, trace_stderr=est.stderr)
-            return values, None
-
-        def compute(params, x, labels):
-            self.trace_count += 1
-            use_estimators = matrix_free is True or (matrix_free == "auto" and estimable and prefer_matrix_free(
-                self.apply_fn, params, x, trace_axes=trace_axes, num_probes=num_probes, num_matvecs=num_matvecs))
-            return (estimated if use_estimators else exact)(params, x, labels)
-
+        self._state: State | None = None
+        self._reference = reference
+        self._tracks_state = bool(set(names) & {*DRIFT, VELOCITY})
+        if reference is not None and not set(names) & set(DRIFT):
+            raise ValueError("reference is the drift reference kernel: it needs a drift CV in cvs "
+                             f"(any of {list(DRIFT)})")
         # jitted by _program with the quick options: a first run compiles it beside the training step, on the same
         # cores (asynchronous: on one thread, leaving the loop the others)
-        self._compute, self._compile_options = compute, quick_compile_options(background=asynchronous)
-        self._settings = {"cvs": self.cvs, "matrix_free": matrix_free, "num_probes": num_probes,
-                          "num_matvecs": num_matvecs, "seed": seed, "log_spectrum": log_spectrum,
-                          "trace_axes": tuple(trace_axes), "implementation": str(implementation),
-                          "num_classes": num_classes}
-        warm_up = (self._worker is not None and self.cvs and isinstance(model, Model)
-                   and not isinstance(self.probes, str))
-        x = self._probe_inputs(model.params, None) if warm_up else None  # checked before anything is set or started
-        # set by the thread that makes the monitor (threadpoolctl lets one thread at a time set OpenBLAS's
-        # process-wide limit); undone by close()
-        self._blas_limit = (None if blas_threads is None
-                            else _blas_libraries().limit(limits=blas_threads, user_api="blas"))
-        if warm_up:  # compiled in the background before the first firing (not run: a firing's work for nothing)
-            self._worker.submit(lambda: self._program(model.params, x).lower(model.params, x, self.labels).compile())
+        self._compile_options = quick_compile_options(background=asynchronous)
+        self._settings = None if functions else {
+            "cvs": names, "matrix_free": matrix_free, "num_probes": num_probes, "num_matvecs": num_matvecs,
+            "seed": seed, "log_spectrum": log_spectrum, "trace_axes": tuple(trace_axes),
+            "implementation": str(implementation), "num_classes": num_classes, "groups": repr(groups),
+            "layer_cvs": tuple(layer_cvs), "cross": cross}
+        if self.cvs and isinstance(model, Model) and not isinstance(self.probes, str):
+            probe_sets = self._probe_sets(model.params, None)  # checked before anything is started
+            state = self._initial_state(model.params, probe_sets)
+            # compiled in the background before the first firing (not run: a firing's work for nothing)
+            self._recorder.prepare(lambda: self._program(model.params, probe_sets).lower(
+                model.params, probe_sets, state, jnp.int32(0)).compile())
+
+    @property
+    def sinks(self) -> list[Any]:
+        """The sinks written to; a sink appended to this list receives what is written from then on."""
+        return self._recorder.sinks
+
+    @sinks.setter
+    def sinks(self, sinks: Sequence[Any]) -> None:
+        self._recorder.sinks = list(sinks)
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The newest value written under each name."""
+        return self._recorder.latest
+
+    @property
+    def state(self) -> State | None:
+        """What the measurement carries across firings (None before the first); :meth:`flush` first, so that it
+        includes every firing so far. Set it to a saved state to continue from there."""
+        return self._state
+
+    @state.setter
+    def state(self, state: State | None) -> None:
+        self._state = state
+
+    def initial_state(self, params: Any) -> State:
+        """The state before the first firing (fixed probes only): the template a saved :attr:`state` restores into."""
+        if isinstance(self.probes, str):
+            raise ValueError("probes='batch' has no fixed shape, so no state before its first firing")
+        return self._initial_state(params, self._probe_sets(params, None))
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""
-        self._check_open()
         step = int(step)
         values = {f"train/{name}": value for name, value in scalars.items()}
-        arrays = {}
+        arrays: dict[str, Any] = {}
         if self.cvs and self.schedule(step):
-            x = self._probe_inputs(params, batch)
-            if self._worker is None:
-                cvs, arrays = self._measure(params, x)
-                values.update(cvs)
-            else:
-                if len(self._pending) >= self.max_pending:
-                    concurrent.futures.wait([self._pending[0]])
+            probe_sets = self._probe_sets(params, batch)
+            if self._recorder.asynchronous:
                 params = jax.device_put(params, may_alias=False)  # survives a train step that donates them
-                self._pending.append(self._worker.submit(lambda: (step, *self._measure(params, x))))
-        # earlier firings first; this step's scalars are written even when one of them failed
-        drained, current = call_all([functools.partial(self._drain, wait=False),
-                                     functools.partial(self._write, step, jax.device_get(values), arrays)])
-        return {**drained, **current}
+            measured = self._recorder.fire(step, functools.partial(self._fire, step, params, probe_sets))
+            if measured is not None:
+                values.update(measured[0])
+                arrays = measured[1]
+        return self._recorder.record(step, values, arrays)
 
-    def _measure(self, params: Any, x: jax.Array) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The CVs (and spectrum, weight metrics) of ``params`` on ``x``, fetched to the host."""
-        cvs, eigenvalues = self._program(params, x)(params, x, self.labels)
-        values = {f"cv/{name}": value for name, value in cvs.items()}
-        arrays = {} if eigenvalues is None else {"cv/spectrum": eigenvalues}
+    def _fire(self, step: int, params: Any, probe_sets: ProbeSets) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One firing: the measurement of ``params`` (and the weight metrics), fetched to the host."""
+        state = self._initial_state(params, probe_sets) if self._state is None else self._state
+        scalars, arrays, self._state = self._program(params, probe_sets)(params, probe_sets, state, jnp.int32(step))
+        scalars = {f"cv/{name}": value for name, value in scalars.items()}
+        arrays = {f"cv/{name}": value for name, value in arrays.items()}
         if self.weight_metrics:
-            values.update({f"weights/{k}": v for k, v in weight_spectra(jax.device_get(params)).summary.items()})
-        return jax.device_get((values, arrays))
+            spectra = weight_spectra(jax.device_get(params))
+            per_layer = spectra.per_layer_scalars() if self.weight_metrics == "layers" else {}
+            scalars.update({f"weights/{k}": v for k, v in {**spectra.summary, **per_layer}.items()})
+        return jax.device_get((scalars, arrays))
 
-    def _program(self, params: Any, x: jax.Array) -> jax.stages.Wrapped:
-        """The CV computation for these shapes: made once per signature; when JAX's persistent compilation cache
+    def _initial_state(self, params: Any, probe_sets: ProbeSets) -> State:
+        state = self._measurement.init(params, probe_sets)
+        if self._reference is not None:
+            references = self._reference if isinstance(self._reference, Mapping) else {"": self._reference}
+            state = with_reference(state, references)
+        return state
+
+    def _program(self, params: Any, probe_sets: ProbeSets) -> jax.stages.Wrapped:
+        """The measurement for these shapes: made once per signature; when JAX's persistent compilation cache
         is on, loaded from (or stored in) the program store beside it, so a rerun skips tracing."""
-        args = (params, x, self.labels)
-        signature = argument_signature(args)
+        signature = argument_signature((params, probe_sets))
         if signature not in self._programs:
-            program, loaded = stored_program(self._compute, args, program_key(self.apply_fn, args, self._settings),
-                                             compiler_options=self._compile_options)
+            first = next(iter(probe_sets.values()))["inputs"]
+            args = (params, probe_sets, jax.eval_shape(self._measurement.init, params, probe_sets), jnp.int32(0))
+
+            def measure(*call_args):
+                self.trace_count += 1
+                return self._measurement.apply(*call_args)
+
+            if self._settings is None:  # user measurements: their code is not part of the store's key
+                program, loaded = jax.jit(measure, compiler_options=self._compile_options), False
+            else:
+                key = program_key(self.apply_fn, (params, first), args, self._settings)
+                program, loaded = stored_program(measure, args, key, compiler_options=self._compile_options)
             self.trace_count += loaded
             self._programs[signature] = program
         return self._programs[signature]
-
-    def _drain(self, *, wait: bool) -> dict[str, float]:
-        """Write the results of finished firings (all of them with ``wait``), oldest first; one that failed is raised
-        after the others were written."""
-        finished = []
-        while self._pending and (wait or self._pending[0].done()):
-            finished.append(self._pending.popleft())
-        written = call_all([functools.partial(self._write_result, future) for future in finished])
-        return {name: value for values in written for name, value in values.items()}
-
-    def _write_result(self, future: concurrent.futures.Future) -> dict[str, float]:
-        return self._write(*future.result())
-
-    def _write(self, step: int, values: dict[str, Any], arrays: dict[str, Any]) -> dict[str, float]:
-        values = {name: float(np.asarray(value)) for name, value in values.items()}
-        bad = sorted(name for name, value in values.items() if name.startswith("cv/") and not np.isfinite(value))
-        if bad:
-            warnings.warn(f"step {step}: non-finite collective variables {bad} logged as NaN", RuntimeWarning,
-                          stacklevel=4)  # the caller of a synchronous monitor (through __call__ and call_all)
-            values.update({name: float("nan") for name in bad})
-        self.latest.update(values)
-        arrays = {name: np.asarray(a) for name, a in arrays.items()}
-        call_all([functools.partial(_write_step, sink, step, values, arrays) for sink in self.sinks])
-        return values
 
     def as_optax_transform(self):
         """The monitor as an optax transformation that passes updates through unchanged.
@@ -312,8 +272,10 @@ class NTKMonitor:
         each update receives (call ``optimizer.update(grads, state, params)``), counting steps in its
         state. The schedule is evaluated inside the jitted update (``every_steps``, ``on_steps`` and
         ``log_spaced``); only when it fires are the parameters handed to the host, through
-        ``jax.experimental.io_callback``. An ``every_secs`` schedule needs the host clock on every step
-        and is refused; so is ``probes="batch"``. Loss and other scalars still go through ``monitor(...)``.
+        ``jax.experimental.io_callback``, which hands them to the recorder and returns: no sink is written
+        inside ``jit``. The firing runs in the background thread when ``asynchronous``, else at the next
+        ``monitor(...)``, :meth:`flush` or :meth:`close`. An ``every_secs`` schedule needs the host clock on every
+        step and is refused; so is ``probes="batch"``. Loss and other scalars still go through ``monitor(...)``.
         """
         import optax
         from jax.experimental import io_callback
@@ -327,8 +289,9 @@ class NTKMonitor:
             del params
             return _HookState(jnp.zeros([], jnp.int32))
 
-        def record(step, params) -> None:
-            self(int(step), params)
+        def record(step, params) -> None:  # hands the parameters over: no computing or writing inside the callback
+            step = int(step)
+            self._recorder.hand_over(step, functools.partial(self._fire, step, params, self._probe_sets(params, None)))
 
         def update(updates, state, params=None):
             if params is None:
@@ -339,44 +302,35 @@ class NTKMonitor:
 
         return optax.GradientTransformation(init, update)
 
-    def _probe_inputs(self, params: Any, batch: Any) -> jax.Array:
-        """The probe inputs of this call, checked against the model once per shape."""
+    def _probe_sets(self, params: Any, batch: Any) -> ProbeSets:
+        """The probe sets of this call, each checked against the model once per shape."""
         if isinstance(self.probes, str):
             if batch is None:
                 raise ValueError("probes='batch' needs the minibatch: call monitor(step, params, batch=x, ...)")
-            x = jnp.asarray(batch)
+            probe_sets = {"": {"inputs": jnp.asarray(batch)}}
         else:
-            x = self.probes
-        if (x.shape, x.dtype) not in self._checked_shapes:
-            try:
-                jax.eval_shape(self.apply_fn, params, x)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"probe inputs of shape {x.shape} and dtype {x.dtype} do not fit the model: "
-                                 f"{str(error).splitlines()[0]}") from error
-            self._checked_shapes.add((x.shape, x.dtype))
-        return x
+            probe_sets = {name: {"inputs": x} | ({"labels": self.labels[name]} if name in self.labels else {})
+                          for name, x in self.probes.items()}
+        for name, probe in probe_sets.items():
+            x = probe["inputs"]
+            if (name, x.shape, x.dtype) not in self._checked_shapes:
+                try:
+                    jax.eval_shape(self.apply_fn, params, x)
+                except (TypeError, ValueError) as error:
+                    where = f"probe set {name!r}" if name else "probe inputs"
+                    raise ValueError(f"{where} of shape {x.shape} and dtype {x.dtype} do not fit the model: "
+                                     f"{str(error).splitlines()[0]}") from error
+                self._checked_shapes.add((name, x.shape, x.dtype))
+        return probe_sets
 
     def flush(self) -> None:
-        """Wait for pending firings, write them, and flush every sink."""
-        self._check_open()
-        call_all([functools.partial(self._drain, wait=True), *(sink.flush for sink in self.sinks)])
+        """Run and write pending firings, and flush every sink."""
+        self._recorder.flush()
 
     def close(self) -> None:
-        """Write pending firings, stop the background thread, restore the BLAS limit and close the sinks, each also
-        when an earlier one raised (the first error is raised after); closing again does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        closing = [functools.partial(self._drain, wait=True)]
-        if self._worker is not None:
-            closing.append(self._worker.shutdown)
-        if self._blas_limit is not None:
-            closing.append(self._blas_limit.restore_original_limits)
-        call_all([*closing, *(sink.close for sink in self.sinks)])
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError("the NTKMonitor is closed: make a new one to record more")
+        """Write pending firings, stop the background thread and close the sinks, each also when an earlier one
+        raised (the first error is raised after); closing again does nothing."""
+        self._recorder.close()
 
     def __enter__(self) -> NTKMonitor:
         return self
@@ -388,3 +342,35 @@ class NTKMonitor:
             with contextlib.suppress(Exception):
                 self.close()
 
+
+def _probe_sets(probes: Any, labels: Any) -> tuple[dict[str, jax.Array] | str, dict[str, jax.Array]]:
+    """``probes`` as ``"batch"`` or a mapping of named sets (``""``: the one unnamed set) and ``labels`` as a mapping
+    of some of those sets to their labels, checked."""
+    if probes is None:
+        raise ValueError("probes must be an array of probe inputs (N, ...), a mapping of named probe sets, or "
+                         f"{BATCH!r}")
+    if isinstance(probes, str):
+        if probes != BATCH:
+            raise ValueError(f"probes must be an array, a mapping or {BATCH!r}, got {probes!r}")
+        if labels is not None:
+            raise ValueError("labels cannot go with probes='batch' (the minibatch changes at every call)")
+        return probes, {}
+    named = isinstance(probes, Mapping)
+    sets = {str(name): jnp.asarray(x) for name, x in probes.items()} if named else {"": jnp.asarray(probes)}
+    if named and (not sets or any(not name or "/" in name for name in sets)):
+        raise ValueError(f"probe sets need non-empty names without '/', got {list(sets)}")
+    if labels is None:
+        labels = {}
+    elif not named:
+        labels = {"": labels}
+    elif not isinstance(labels, Mapping):
+        raise ValueError("with named probe sets, labels must be a mapping of set names to labels")
+    labels = {str(name): jnp.asarray(y) for name, y in labels.items()}
+    for name, y in labels.items():
+        if name not in sets:
+            raise ValueError(f"labels for {name!r}, which is not a probe set of {list(sets)}")
+        if y.shape[:1] != sets[name].shape[:1]:
+            where = f"probe set {name!r}" if named else "the probes"
+            raise ValueError(f"labels must have one row per probe: {sets[name].shape[0]} in {where}, labels of "
+                             f"shape {y.shape}")
+    return sets, labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import h5py
 import numpy as np
@@ -46,19 +47,26 @@ def make_report(run_dir: str | pathlib.Path) -> pathlib.Path:
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     series = read_scalars(store)
-    panels = [name for name in ("train/loss", "cv/entropy", "cv/trace", "train/test_accuracy") if name in series]
+    # each panel overlays a quantity's series: the loop's, and the CVs of every probe set (cv/<name>, cv/<set>/<name>)
+    panels = {title: [name for name in sorted(series) if re.fullmatch(pattern, name)] for title, pattern in (
+        ("loss", r"train/(test_)?loss"), ("entropy", r"cv/([^/]+/)?entropy"), ("trace", r"cv/([^/]+/)?trace"),
+        ("drift from the first kernel", r"cv/([^/]+/)?relative_distance"), ("accuracy", r"train/test_accuracy"))}
+    panels = {title: names for title, names in panels.items() if names}
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], panels, strict=False):
-        steps, values = series[name]
-        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
-        ax.set(title=name, xlabel="step")
-        if name in ("train/loss", "cv/trace"):
+    for ax, (title, names) in zip(axes[0], panels.items(), strict=False):
+        for name in names:
+            steps, values = series[name]
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=name)
+        ax.set(title=title, xlabel="step")
+        if len(names) > 1:
+            ax.legend(fontsize="small")
+        if title in ("loss", "trace"):
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
 
-    spectrum = read_array(store, "cv/spectrum")
+    spectrum = read_array(store, "cv/spectrum") or read_array(store, "cv/train/spectrum")
     if spectrum is not None:
         steps, rows = spectrum
         fig, ax = plt.subplots(figsize=(6, 3.5))

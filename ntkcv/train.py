@@ -14,6 +14,7 @@ import os
 import pathlib
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -74,28 +75,39 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
 CACHE_MIN_COMPILE_SECONDS = 0.1
 
 
-def use_compilation_cache(setting: str) -> pathlib.Path | None:
-    """Store compiled XLA programs on disk (JAX's persistent compilation cache) so that a rerun of the same
-    model and shapes loads its compiled train step and monitor program instead of compiling them again.
+@contextlib.contextmanager
+def compilation_cache(setting: str) -> Iterator[pathlib.Path | None]:
+    """Store compiled XLA programs on disk (JAX's persistent compilation cache) for the block, so that a rerun of the
+    same model and shapes loads its compiled train step and monitor program instead of compiling them again; JAX's
+    settings are restored afterwards.
 
     ``setting`` is ``output.compilation_cache``: ``"auto"`` (``$JAX_COMPILATION_CACHE_DIR`` if set, else
     ``~/.cache/ntkcv/jax``), ``"off"`` (JAX's own setting is left alone) or a directory. Programs that took
     at least :data:`CACHE_MIN_COMPILE_SECONDS` (or ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) to compile
-    are stored. Returns the directory in use.
+    are stored. Yields the directory in use.
     """
-    from jax.experimental.compilation_cache import compilation_cache
+    from jax.experimental.compilation_cache import compilation_cache as cache
 
     if setting == "off":
-        return None
+        yield None
+        return
     if setting == "auto":
         setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or "~/.cache/ntkcv/jax"
     path = pathlib.Path(setting).expanduser().resolve()
-    if jax.config.jax_compilation_cache_dir != str(path):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    if previous["jax_compilation_cache_dir"] != str(path):
         jax.config.update("jax_compilation_cache_dir", str(path))
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
-        compilation_cache.reset_cache()  # takes effect also after earlier compilations in this process
-    return path
+        cache.reset_cache()  # takes effect also after earlier compilations in this process
+    try:
+        yield path
+    finally:
+        if any(getattr(jax.config, name) != value for name, value in previous.items()):
+            for name, value in previous.items():
+                jax.config.update(name, value)
+            cache.reset_cache()
 
 
 def resolve_run_dir(template: str, *, resume: bool) -> pathlib.Path:
@@ -125,8 +137,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
         raise ValueError(f"data set {config.data.name!r} is a regression task: set train.loss to 'mse'")
     lock = claim_run_dir(run_dir, config, resume=resume)
     try:
-        use_compilation_cache(config.output.compilation_cache)
-        return _train_in(run_dir, config, data, resume=resume, console=console)
+        with compilation_cache(config.output.compilation_cache):
+            return _train_in(run_dir, config, data, resume=resume, console=console)
     finally:
         lock.release()
 
@@ -171,7 +183,11 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
         checkpoints = _checkpoint_manager(run_dir, config)
         try:
             if resume:
-                checkpoints, params, opt_state, start = _restore(checkpoints, run_dir, config, params, opt_state)
+                checkpoints, state, start = _restore(checkpoints, run_dir, config,
+                                                     _training_state(params, opt_state, monitor))
+                params, opt_state = state["params"], state["opt_state"]
+                if "monitor" in state and start:
+                    monitor.state = state["monitor"]
             else:
                 start = 0
             write_config(run_dir, config)  # the run is accepted
@@ -197,8 +213,8 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
                 monitor(step, params, **scalars)
                 params = new_params
                 if checkpoints.should_save(step):  # logs up to a checkpoint must survive a crash after it
-                    monitor.flush()
-                checkpoints.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+                    monitor.flush()  # and the monitor's state holds every firing so far
+                    checkpoints.save(step, args=ocp.args.StandardSave(_training_state(params, opt_state, monitor)))
             checkpoints.wait_until_finished()
             monitor.flush()
             final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
@@ -225,17 +241,27 @@ def _checkpoint_manager(run_dir: pathlib.Path, config: RunConfig) -> Any:
         should_save_fn=lambda step, _: (step + 1) % every == 0 or step == final_step, max_to_keep=2))
 
 
-def _restore(checkpoints: Any, run_dir: pathlib.Path, config: RunConfig, params: Any, opt_state: Any
-             ) -> tuple[Any, Any, Any, int]:
-    """``(manager, params, opt_state, next step)`` from the newest checkpoint that restores (from scratch if there
-    is none); each newer one is skipped with a warning naming it, and deleted."""
+def _training_state(params: Any, opt_state: Any, monitor: NTKMonitor) -> dict[str, Any]:
+    """What a checkpoint holds: the parameters, the optimiser state and the monitor's state (the drift reference
+    and the previous kernel, so that a resumed run measures drift and velocity as an uninterrupted one)."""
+    state = {"params": params, "opt_state": opt_state}
+    if monitor.cvs and monitor.state is not None:
+        state["monitor"] = monitor.state
+    elif monitor.cvs and not isinstance(monitor.probes, str):
+        state["monitor"] = monitor.initial_state(params)
+    return state
+
+
+def _restore(checkpoints: Any, run_dir: pathlib.Path, config: RunConfig, template: dict[str, Any]
+             ) -> tuple[Any, dict[str, Any], int]:
+    """``(manager, state, next step)`` from the newest checkpoint that restores into ``template`` (``template``
+    itself and step 0 if there is none); each newer one is skipped with a warning naming it, and deleted."""
     import orbax.checkpoint as ocp
 
     saved = sorted(checkpoints.all_steps(), reverse=True)
     for position, step in enumerate(saved):
         try:
-            state = checkpoints.restore(
-                step, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
+            state = checkpoints.restore(step, args=ocp.args.StandardRestore(template))
         except Exception as error:  # orbax raises many kinds of errors for a damaged checkpoint
             reason = (str(error).splitlines() or [""])[0]
             warnings.warn(f"checkpoint {step} in {checkpoints.directory} does not restore ({type(error).__name__}: "
@@ -245,30 +271,40 @@ def _restore(checkpoints: Any, run_dir: pathlib.Path, config: RunConfig, params:
             continue
         for skipped in saved[:position]:  # the run saves those steps again
             checkpoints.delete(skipped)
-        return checkpoints, state["params"], state["opt_state"], step + 1
+        return checkpoints, state, step + 1
     if saved:
         checkpoints.close()
         raise ValueError(f"no checkpoint in {checkpoints.directory} restores (steps {saved}): "
                          "remove the run directory to start again")
-    return checkpoints, params, opt_state, 0
+    return checkpoints, template, 0
 
 
 def _make_monitor(config: RunConfig, data: Dataset, model: ntkcv.Model) -> NTKMonitor:
     """The run's NTK monitor, without sinks (the caller adds them to ``monitor.sinks``)."""
-    if config.data.probe_set == "train":  # the NTK on the training data itself (the CV studies' kernel)
-        x_probe, y_probe = data.x_train, data.y_train
-    else:
-        x_probe, y_probe = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
-    cvs = config.monitor.cvs if config.monitor.enabled else ()
+    monitor = config.monitor
+    sets = {}
+    if "train" in monitor.probe_sets:
+        if config.data.probe_set == "train":  # the NTK on the training data itself (the CV studies' kernel)
+            sets["train"] = data.x_train, data.y_train
+        else:
+            sets["train"] = probe_subset(data.x_train, data.y_train, config.data.probe_size, config.train.seed)
+    if "test" in monitor.probe_sets:
+        sets["test"] = probe_subset(data.x_test, data.y_test, config.data.probe_size, config.train.seed)
+    probes, labels = {name: x for name, (x, _) in sets.items()}, {name: y for name, (_, y) in sets.items()}
+    if len(sets) == 1:  # one set keeps the plain names, cv/<name>
+        (probes, labels), = sets.values()
+    cvs = (*monitor.cvs, *(("relative_distance", "cosine_distance", "kernel_velocity") if monitor.drift else ()))
     steps = config.train.steps
-    log_spaced = (1, steps, config.monitor.log_spaced) if config.monitor.log_spaced else None
+    log_spaced = (1, steps, monitor.log_spaced) if monitor.log_spaced else None
     return NTKMonitor(  # labels: integer classes, or the regression targets (N, 1) for the alignments
-        model, x_probe, labels=y_probe, cvs=cvs,
-        schedule=Schedule(every_steps=config.monitor.every_steps, on_steps=(steps - 1,), log_spaced=log_spaced),
-        matrix_free=config.monitor.matrix_free, log_spectrum=config.monitor.spectrum,
-        weight_metrics=config.monitor.weight_metrics and config.monitor.enabled, trace_axes=config.monitor.trace_axes,
-        implementation=config.monitor.implementation, blas_threads=config.monitor.blas_threads,
-        asynchronous=config.monitor.asynchronous)
+        model, probes, labels=labels, cvs=tuple(dict.fromkeys(cvs)) if monitor.enabled else (),
+        groups="layers" if monitor.layers else None,
+        layer_cvs=monitor.layer_cvs, cross=("test", "train") if monitor.cross else None,
+        schedule=Schedule(every_steps=monitor.every_steps, on_steps=(steps - 1,), log_spaced=log_spaced),
+        matrix_free=monitor.matrix_free, log_spectrum=monitor.spectrum,
+        weight_metrics=monitor.enabled and ("layers" if monitor.layer_weight_metrics else monitor.weight_metrics),
+        trace_axes=monitor.trace_axes,
+        implementation=monitor.implementation, blas_threads=monitor.blas_threads, asynchronous=monitor.asynchronous)
 
 
 def _model_options(config: RunConfig) -> dict[str, Any]:

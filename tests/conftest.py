@@ -1,3 +1,8 @@
+import contextlib
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -25,3 +30,20 @@ def _jax_compilation_cache_restored():
         for name, value in previous.items():
             jax.config.update(name, value)
         compilation_cache.reset_cache()
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """A tmpfs of ``size`` (``mount -o size=``) mounted at ``path`` (made here) for the block, unmounted after;
+    skips the test where that cannot be done (not root on Linux)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)

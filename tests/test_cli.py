@@ -14,6 +14,7 @@ from ntkcv import __version__, cli
 from ntkcv._lock import LockedError
 from ntkcv.config import ConfigError
 from ntkcv.report import read_scalars
+from tests.conftest import tmpfs
 
 
 def _one_line(capsys, command: str) -> str:
@@ -154,6 +155,7 @@ def test_regression_runs_record_the_target_alignments(tmp_path, capsys):
     overrides = {"data.name": "synthetic", "train.loss": "mse", "data.train_size": 64, "data.probe_size": 16,
                  "model.widths": [8], "train.steps": 2, "train.batch_size": 16, "monitor.every_steps": 1,
                  "monitor.cvs": "[target_alignment, centred_target_alignment]", "monitor.trace_axes": "[]",
+                 "monitor.probe_sets": "[train]", "monitor.drift": "false",
                  "output.dir": tmp_path / "run", "output.tensorboard": "false", "output.progress": "false",
                  "output.compilation_cache": "'off'"}
     assert cli.main(["train", *[arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]]) == 0
@@ -167,13 +169,7 @@ def test_regression_runs_record_the_target_alignments(tmp_path, capsys):
 @pytest.fixture
 def read_only_disk(tmp_path):
     """A tmpfs holding ``killed/ntkcv.h5`` (its writer killed mid-run), remounted read-only; root on Linux only."""
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs")
-    try:
+    with tmpfs(tmp_path / "disk", "4m") as disk:
         (disk / "killed").mkdir()
         script = ("import os, sys; from ntkcv.sinks import HDF5Sink\n"
                   "sink = HDF5Sink(sys.argv[1])\n"
@@ -182,8 +178,6 @@ def read_only_disk(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(disk / "killed" / "ntkcv.h5")], check=False)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         yield disk
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def test_a_read_only_disk_is_one_line_for_train_and_readable_for_report(read_only_disk, capsys):

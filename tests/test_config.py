@@ -50,7 +50,8 @@ def test_missing_file_and_non_mapping(tmp_path):
 
 def test_union_values_accept_each_alternative_and_name_both_on_error():
     assert load_config(None, {"monitor.matrix_free": "auto"}).monitor.matrix_free == "auto"
-    assert load_config(None, {"monitor.matrix_free": True, "monitor.cvs": ["entropy"]}).monitor.matrix_free is True
+    assert load_config(None, {"monitor.matrix_free": True, "monitor.cvs": ["entropy"],
+                              "monitor.drift": False}).monitor.matrix_free is True
     with pytest.raises(ConfigError, match=r"monitor\.matrix_free must be true or false, got 'x' or must be one of"):
         load_config(None, {"monitor.matrix_free": "x"})
 
@@ -110,8 +111,15 @@ REGRESSION = {"data.name": "synthetic", "train.loss": "mse"}
     ({**REGRESSION, "monitor.cvs": ["entropy", "class_trace"]},
      r"monitor\.cvs\[1\] 'class_trace' needs class labels, and data set 'synthetic' is a regression task"),
     ({**REGRESSION, "monitor.cvs": ["class_entropy"]}, r"monitor\.cvs\[0\] 'class_entropy' needs class labels"),
-    ({"monitor.cvs": ["relative_distance"]}, r"'relative_distance' needs a reference kernel, which ntkcv train"),
-    ({"monitor.cvs": ["subspace_overlap"]}, "'subspace_overlap' needs a reference kernel"),
+    ({"monitor.matrix_free": True, "monitor.cvs": ["entropy"]}, r"monitor\.drift must be false with "
+     r"monitor\.matrix_free true"),
+    ({"monitor.cvs": ["drift"]}, r"monitor\.cvs\[0\] must be one of .*'kernel_velocity'; got 'drift'"),
+    ({"monitor.layer_cvs": ["relative_distance"]}, r"monitor\.layer_cvs\[0\] must be one of 'trace_share', "),
+    ({"monitor.probe_sets": ["train", "train"]}, r"monitor\.probe_sets must name each of its sets"),
+    ({"monitor.probe_sets": []}, r"monitor\.probe_sets must name each of its sets"),
+    ({"monitor.probe_sets": ["test"], "data.probe_size": 400}, r"data\.probe_size must be at most 360 \(the test "),
+    ({"monitor.cross": True, "monitor.probe_sets": ["train"]}, r"monitor\.cross needs monitor\.probe_sets"),
+    ({"monitor.cross": True, "monitor.trace_axes": []}, r"monitor\.cross needs a traced kernel"),
     ({"monitor.matrix_free": True}, r"monitor\.cvs\[1\] must be one of 'entropy', 'trace' with monitor\.matrix_free "
                                     r"true \(set it to false or 'auto' for the others\); got 'effective_entropy'"),
     ({"monitor.log_spaced": -1}, "monitor.log_spaced must be at least 0, got -1"),
@@ -141,7 +149,9 @@ def test_values_that_would_fail_in_train_are_config_errors(overrides, message):
     {"output.dir": "runs/{time}-{{literal}}"},
     {**REGRESSION, "monitor.cvs": ["target_alignment", "centred_target_alignment"], "monitor.trace_axes": []},
     {"model.kind": "cnn", "model.channels": [4, 4, 4]},
-    {"monitor.matrix_free": True, "monitor.cvs": ["entropy", "trace"]},
+    {"monitor.matrix_free": True, "monitor.cvs": ["entropy", "trace"], "monitor.drift": False},
+    {"monitor.cvs": ["relative_distance", "subspace_overlap", "kernel_velocity"], "monitor.cross": True,
+     "monitor.layers": True, "monitor.layer_cvs": ["trace_share", "effective_rank"]},
     {"monitor.matrix_free": "auto"},  # the monitor computes the others exactly
     {"monitor.trace_axes": [1]},
     {"data.probe_set": "train", "data.train_size": 100},

@@ -100,7 +100,8 @@ def test_full_configs_parse_with_the_documented_size(study, runs):
 
 def test_probe_set_train_builds_the_ntk_on_the_training_set(tmp_path):
     config = load_config(None, {"data.train_size": 20, "data.probe_set": "train", "model.widths": [16],
-                                "train.steps": 3, "monitor.every_steps": 1, "output.tensorboard": False,
+                                "train.steps": 3, "train.batch_size": 20, "monitor.every_steps": 1,
+                                "monitor.probe_sets": ["train"], "output.tensorboard": False,
                                 "output.progress": False, "output.dir": str(tmp_path)})
     steps, spectra = read_array(train(config)["hdf5"], "cv/spectrum")
     assert list(steps) == [0, 1, 2] and spectra.shape == (3, 20)  # one eigenvalue per training point

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ntkcv.report import read_scalars
+from tests.conftest import tmpfs
 from tests.test_train import SMALL, _event_steps
 
 STEPS = 5000  # the disk fills after about half of them
@@ -16,18 +17,8 @@ STEPS = 5000  # the disk fills after about half of them
 @pytest.fixture
 def small_disk(tmp_path):
     """A directory on a tmpfs of 1.2 MB, unmounted after the test."""
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "1200k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def _train(run_dir, *args: str, timeout: float) -> subprocess.CompletedProcess:

@@ -46,14 +46,18 @@ def _counting_kernel():
 
 
 def test_key_changes_with_the_model_its_constants_shapes_and_settings():
-    key = program_key(model, (PARAMS, X), {"cvs": ("entropy",)})
-    assert key == program_key(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"], (PARAMS, X), {"cvs": ("entropy",)})
-    assert key != program_key(lambda p, x: jnp.sin(x @ p["w"]) @ p["v"], (PARAMS, X), {"cvs": ("entropy",)})
-    assert key != program_key(model, (PARAMS, X[:4]), {"cvs": ("entropy",)})
-    assert key != program_key(model, (PARAMS, X), {"cvs": ("trace",)})
-    assert key != program_key(model, ({"v": PARAMS["v"], "w": PARAMS["w"][None]}, X[None]), {"cvs": ("entropy",)})
+    def key_of(model_fn, args, settings):
+        return program_key(model_fn, args, args, settings)
+
+    key = key_of(model, (PARAMS, X), {"cvs": ("entropy",)})
+    assert key == key_of(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"], (PARAMS, X), {"cvs": ("entropy",)})
+    assert key != key_of(lambda p, x: jnp.sin(x @ p["w"]) @ p["v"], (PARAMS, X), {"cvs": ("entropy",)})
+    assert key != key_of(model, (PARAMS, X[:4]), {"cvs": ("entropy",)})
+    assert key != key_of(model, (PARAMS, X), {"cvs": ("trace",)})
+    assert key != key_of(model, ({"v": PARAMS["v"], "w": PARAMS["w"][None]}, X[None]), {"cvs": ("entropy",)})
+    assert key != program_key(model, (PARAMS, X), (PARAMS, X, X), {"cvs": ("entropy",)})  # more arguments
     shift = [np.zeros(4, np.float32), np.ones(4, np.float32)]  # closed-over constants with equal shapes
-    keys = {program_key(lambda p, x, s=s: jnp.tanh(x @ p["w"] + s) @ p["v"], (PARAMS, X), {}) for s in shift}
+    keys = {key_of(lambda p, x, s=s: jnp.tanh(x @ p["w"] + s) @ p["v"], (PARAMS, X), {}) for s in shift}
     assert len(keys) == 2
 
 

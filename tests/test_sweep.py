@@ -23,7 +23,8 @@ from ntkcv.sweep._table import write_table
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = {"data": {"train_size": 200, "probe_size": 16}, "model": {"widths": [8]},
-        "train": {"steps": 30, "batch_size": 32, "eval_every": 10}, "monitor": {"every_steps": 10},
+        "train": {"steps": 30, "batch_size": 32, "eval_every": 10},
+        "monitor": {"every_steps": 10, "probe_sets": ["train"]},
         "output": {"tensorboard": False, "checkpoint_every": 10}}
 
 

@@ -21,7 +21,9 @@ from ntkcv.sinks import HDF5Sink
 from ntkcv.train import train
 
 SMALL = {"data.train_size": 300, "data.probe_size": 32, "model.widths": [16], "train.batch_size": 32,
-         "train.eval_every": 20, "optimizer.learning_rate": 0.01, "monitor.every_steps": 10, "output.progress": False}
+         "train.eval_every": 20, "optimizer.learning_rate": 0.01, "monitor.every_steps": 10, "output.progress": False,
+         "monitor.probe_sets": ["train"]}  # one probe set: the CVs are cv/<name>
+DEFAULT_MONITOR = {"monitor.probe_sets": ["train", "test"], "monitor.drift": True}  # configs/default.yaml's
 
 
 def _event_steps(logdir: pathlib.Path, tag: str) -> list[int]:
@@ -33,7 +35,7 @@ def _event_steps(logdir: pathlib.Path, tag: str) -> list[int]:
 
 
 def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
-    config = load_config(None, {**SMALL, "train.steps": 40, "output.checkpoint_every": 15,
+    config = load_config(None, {**SMALL, **DEFAULT_MONITOR, "train.steps": 40, "output.checkpoint_every": 15,
                                 "output.dir": str(tmp_path / "run")})
     result = train(config)
     saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
@@ -41,12 +43,17 @@ def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
     assert result["final/test_accuracy"] > 0.3
     series = read_scalars(result["hdf5"])
     assert list(series["train/loss"][0]) == list(range(40))
-    assert list(series["cv/entropy"][0]) == [0, 10, 20, 30, 39]
-    entropy = series["cv/entropy"][1]
-    assert np.all((entropy > 0) & (entropy < np.log(32)))
-    assert sorted(_event_steps(pathlib.Path(result["tensorboard"]), "cv/entropy")) == [0, 10, 20, 30, 39]
+    for probe_set in ("train", "test"):
+        assert list(series[f"cv/{probe_set}/entropy"][0]) == [0, 10, 20, 30, 39]
+        entropy = series[f"cv/{probe_set}/entropy"][1]
+        assert np.all((entropy > 0) & (entropy < np.log(32)))
+        steps, distance = series[f"cv/{probe_set}/relative_distance"]
+        assert distance[0] == 0 and np.all(distance[1:] > 0)  # from the first firing's kernel
+        assert series[f"cv/{probe_set}/kernel_velocity"][1][0] == 0 and list(steps) == [0, 10, 20, 30, 39]
+    tensorboard = pathlib.Path(result["tensorboard"])
+    assert sorted(_event_steps(tensorboard, "cv/test/entropy")) == [0, 10, 20, 30, 39]
     summary = make_report(result["run_dir"])
-    assert "cv/entropy" in summary.read_text()
+    assert "cv/test/entropy" in summary.read_text()
     assert (summary.parent / "curves.png").stat().st_size > 1000
     assert (summary.parent / "spectrum.png").stat().st_size > 1000
     with pytest.raises(FileExistsError, match="--resume"):
@@ -58,7 +65,8 @@ def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
 def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "ntkcv.cli", "train"]
-    overrides = {**SMALL, "train.steps": 400, "output.checkpoint_every": 30, "output.dir": str(run_dir)}
+    overrides = {**SMALL, **DEFAULT_MONITOR, "train.steps": 400, "output.checkpoint_every": 30,
+                 "output.dir": str(run_dir)}
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -79,11 +87,16 @@ def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     series = read_scalars(run_dir / "ntkcv.h5")
     assert list(series["train/loss"][0]) == list(range(400))
-    assert list(series["cv/entropy"][0]) == [*range(0, 400, 10), 399]
+    assert list(series["cv/train/entropy"][0]) == [*range(0, 400, 10), 399]
     assert sorted(_event_steps(run_dir / "tensorboard", "train/loss")) == list(range(400))
-    assert sorted(_event_steps(run_dir / "tensorboard", "cv/entropy")) == [*range(0, 400, 10), 399]
+    assert sorted(_event_steps(run_dir / "tensorboard", "cv/test/entropy")) == [*range(0, 400, 10), 399]
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [389, 399]  # the resumed run still checkpoints every 30 updates and after the last
+    # drift and velocity continue as in an uninterrupted run: the monitor's state was saved with the checkpoint
+    uninterrupted = read_scalars(train(load_config(None, {**overrides, "output.dir": str(tmp_path / "whole")}))["hdf5"])
+    for name in ("cv/train/relative_distance", "cv/test/cosine_distance", "cv/test/kernel_velocity"):
+        np.testing.assert_array_equal(series[name][0], uninterrupted[name][0])
+        np.testing.assert_allclose(series[name][1], uninterrupted[name][1], rtol=1e-5, atol=1e-7)
 
 
 def test_cli_reports_config_errors(tmp_path):
@@ -220,3 +233,27 @@ def test_a_run_killed_before_its_first_checkpoint_is_refused_without_resume_and_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _logged_steps(run_dir, "train/loss") == (list(range(2000)), list(range(2000)))
     assert _logged_steps(run_dir, "cv/entropy") == ([*range(0, 2000, 10), 1999], [*range(0, 2000, 10), 1999])
+
+
+def test_train_leaves_jax_config_and_the_blas_threads_as_it_found_them(tmp_path, monkeypatch):
+    import jax
+
+    import ntkcv.train
+    from ntkcv.recorder import _blas_libraries
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
+    threads = [library["num_threads"] for library in _blas_libraries().info()]
+    seen = {}
+    original = ntkcv.train._train_in
+
+    def inside(*args, **kwargs):  # what train() set while it ran
+        seen.update({name: getattr(jax.config, name) for name in names})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ntkcv.train, "_train_in", inside)
+    train(load_config(None, {**SMALL, "train.steps": 3, "output.dir": str(tmp_path / "run"),
+                             "output.compilation_cache": str(tmp_path / "cache")}))
+    assert seen["jax_compilation_cache_dir"] == str(tmp_path / "cache")  # on while it ran
+    assert {name: getattr(jax.config, name) for name in names} == before
+    assert [library["num_threads"] for library in _blas_libraries().info()] == threads

@@ -5,10 +5,10 @@ computes any set of them in one pass. The estimators take a matrix-vector produc
 :func:`weight_spectra` needs only the parameters.
 """
 
-from ntkcv.cv.alignment import centred_target_alignment, target_alignment, target_kernel
+from ntkcv.cv.alignment import centred_target_alignment, cross_target_alignment, target_alignment, target_kernel
 from ntkcv.cv.classwise import classwise_entropy, classwise_trace
 from ntkcv.cv.collect import AVAILABLE, collective_variables
-from ntkcv.cv.drift import cosine_distance, relative_distance, subspace_overlap
+from ntkcv.cv.drift import cosine_distance, kernel_velocity, relative_distance, subspace_overlap
 from ntkcv.cv.estimators import (
     Estimate,
     entropy_slq,
@@ -40,9 +40,11 @@ from ntkcv.cv.spectral import (
 from ntkcv.cv.weights import (
     LayerSpectrum,
     PowerLawFit,
+    WeightLayer,
     WeightSpectra,
     fit_power_law,
     layer_eigenvalues,
+    weight_layers,
     weight_spectra,
 )
 
@@ -51,6 +53,7 @@ __all__ = [
     "Estimate",
     "LayerSpectrum",
     "PowerLawFit",
+    "WeightLayer",
     "WeightSpectra",
     "centred_target_alignment",
     "classwise_entropy",
@@ -60,12 +63,14 @@ __all__ = [
     "cosine_distance",
     "cosine_entropy",
     "cosine_kernel",
+    "cross_target_alignment",
     "effective_entropy",
     "effective_rank",
     "entropy",
     "entropy_slq",
     "fit_power_law",
     "frobenius_norm",
+    "kernel_velocity",
     "layer_eigenvalues",
     "magnitude_distribution",
     "magnitude_entropy",
@@ -84,5 +89,6 @@ __all__ = [
     "trace",
     "trace_hutchinson",
     "trace_hutchpp",
+    "weight_layers",
     "weight_spectra",
 ]

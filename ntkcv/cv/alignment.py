@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ntkcv.cv._kernel import as_matrix
 
-__all__ = ["centred_target_alignment", "target_alignment", "target_kernel"]
+__all__ = ["centred_target_alignment", "cross_target_alignment", "target_alignment", "target_kernel"]
 
 
 def target_alignment(kernel: jax.Array, targets: jax.Array) -> jax.Array:
@@ -46,6 +46,27 @@ def centred_target_alignment(kernel: jax.Array, targets: jax.Array) -> jax.Array
     """
     matrix = as_matrix(kernel)
     return centred_target_alignment_of(matrix, target_kernel(targets, matrix.shape[0]))
+
+
+def cross_target_alignment(kernel: jax.Array, targets_a: jax.Array, targets_b: jax.Array) -> jax.Array:
+    r"""Alignment of a traced cross kernel :math:`Θ_{ab}` ``(N_a, N_b)`` (e.g. test × train) with the targets.
+
+    .. math::
+       A(Θ_{ab}, Y_a Y_b^⊤) = \frac{⟨Θ_{ab}, Y_a Y_b^⊤⟩_F}{\|Θ_{ab}\|_F \, \|Y_a Y_b^⊤\|_F}
+
+    Integer labels ``(N,)`` give :math:`(Y_a Y_b^⊤)_{ij} = [y^a_i = y^b_j]`; targets ``(N, C)`` their products.
+    How well the kernel that carries training information to held-out points matches their labels.
+    """
+    kernel = jnp.asarray(kernel)
+    targets_a, targets_b = jnp.asarray(targets_a), jnp.asarray(targets_b)
+    if kernel.ndim != 2 or (kernel.shape[0], kernel.shape[1]) != (targets_a.shape[0], targets_b.shape[0]):
+        raise ValueError(f"kernel must be a traced cross kernel (N_a, N_b) = ({targets_a.shape[0]}, "
+                         f"{targets_b.shape[0]}); got shape {kernel.shape}.")
+    if jnp.issubdtype(targets_a.dtype, jnp.integer) and targets_a.ndim == 1:
+        target = (targets_a[:, None] == targets_b[None, :]).astype(kernel.dtype)
+    else:
+        target = targets_a.reshape(targets_a.shape[0], -1) @ targets_b.reshape(targets_b.shape[0], -1).T
+    return target_alignment_of(kernel, target)
 
 
 def target_kernel(targets: jax.Array, n: int) -> jax.Array:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from ntkcv.cv._kernel import as_matrix, symmetric_eigh
 
-__all__ = ["cosine_distance", "relative_distance", "subspace_overlap"]
+__all__ = ["cosine_distance", "kernel_velocity", "relative_distance", "subspace_overlap"]
 
 
 def relative_distance(reference: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -47,6 +47,19 @@ def subspace_overlap(reference: jax.Array, kernel: jax.Array, k: int) -> jax.Arr
     if not 1 <= k <= kernel.shape[0]:
         raise ValueError(f"k must satisfy 1 <= k <= n = {kernel.shape[0]}; got k={k}.")
     return subspace_overlap_of(symmetric_eigh(reference)[1][:, :k], symmetric_eigh(kernel)[1][:, :k])
+
+
+def kernel_velocity(previous: jax.Array, kernel: jax.Array, steps: jax.Array | int) -> jax.Array:
+    r"""Kernel velocity: the relative distance travelled per training step between two kernels.
+
+    .. math::
+       v = \frac{\|Θ_{t} - Θ_{t - Δ}\|_F}{\|Θ_{t - Δ}\|_F \, Δ}
+
+    with :math:`Δ` = ``steps`` between the kernels (Fort et al. 2020, arXiv 2010.15110, section 4: the
+    kernel moves fast early in training, then slows down). NaN for a zero previous kernel.
+    """
+    previous, kernel = _pair(previous, kernel)
+    return relative_distance_of(previous, kernel) / steps
 
 
 def _pair(reference: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:

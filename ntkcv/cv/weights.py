@@ -3,21 +3,45 @@ r"""Data-free weight-spectrum metrics of a parameter pytree, in the style of Wei
 Heavy-tailed self-regularisation (Martin & Mahoney, arXiv 1901.08278): the empirical spectral density
 of each layer's correlation matrix :math:`X = W^⊤W / N` develops a power-law tail
 :math:`ρ(λ) ∝ λ^{-α}` as training extracts correlations; :math:`α ≈ 2–4` is typical of well-trained
-layers. Layers are the leaves named ``kernel`` of a params pytree: Dense kernels ``(in, out)`` and
-convolution kernels ``(*spatial, in, out)``, sliced into one ``(in, out)`` matrix per spatial position
-with the eigenvalues of all slices pooled (as WeightWatcher does). Runs in NumPy on the host.
+layers. Runs in NumPy on the host.
 
-Normalisation: :math:`λ_i = σ_i^2 / N` with :math:`σ_i` the singular values of each slice and
-:math:`N = \max(\text{in}, \text{out})`, WeightWatcher's ``normalize=True`` and Martin & Mahoney's
-:math:`X`. Each slice contributes :math:`\min(\text{in}, \text{out})` eigenvalues (the zeros of
+Layers (:func:`weight_layers`), found from the pytree paths of linen params and of the ``nnx.State`` of
+:func:`ntkcv.from_nnx` (its trailing ``.value`` attribute is dropped):
+
+- ``embedding`` leaves of rank 2 (``nn.Embed``, ``nnx.Embed``): one ``(vocab, features)`` matrix;
+- ``kernel`` leaves of rank 2 (``Dense``, ``nnx.Linear``): one ``(in, out)`` matrix;
+- rank ≥ 3 ``kernel`` leaves of a ``DenseGeneral`` / ``nnx.LinearGeneral``: one matrix, the input axes
+  merged into rows and the feature axes into columns. Recognised as (a) the ``query``/``key``/``value``
+  projections ``(in, heads, head_dim)`` → ``(in, heads·head_dim)`` and the ``out`` projection
+  ``(heads, head_dim, out)`` → ``(heads·head_dim, out)`` of a module holding all four (linen
+  ``MultiHeadDotProductAttention``/``SelfAttention``, ``nnx.MultiHeadAttention``), with or without biases;
+  (b) any kernel whose sibling ``bias`` has the shape of its trailing axes and either rank ≥ 2 (multi-axis
+  features, e.g. ``features=(heads, head_dim)``) or sits in a module linen auto-named ``DenseGeneral_<i>``;
+- every other rank ≥ 3 ``kernel``: a convolution ``(*spatial, in, out)``, one ``(in, out)`` matrix per
+  spatial position, their eigenvalues pooled.
+
+A rank-3 ``kernel`` that none of these identify (a bias-free ``DenseGeneral`` contracting several axes,
+named by the user, outside an attention module) is read as a convolution: the leaf alone cannot tell them apart.
+
+Convention: WeightWatcher's (``WWLayer.set_weight_matrices`` in weightwatcher 0.7.5): dense, ``Conv1D``
+(Hugging Face's, a dense layer) and embedding layers are one matrix; a ``Conv2D`` is one matrix per
+kernel position (``conv2D_Wmats``). WeightWatcher reads PyTorch models, whose attention projections are
+``nn.Linear`` weights ``(heads·head_dim, in)`` and ``(out, heads·head_dim)``; Flax's ``DenseGeneral`` only
+splits ``heads·head_dim`` into two axes, so merging them back gives WeightWatcher's matrices.
+
+Normalisation: :math:`λ_i = σ_i^2 / N` with :math:`σ_i` the singular values of each matrix and
+:math:`N = \max(\text{rows}, \text{cols})`, WeightWatcher's ``normalize=True`` and Martin & Mahoney's
+:math:`X`. Each matrix contributes :math:`\min(\text{rows}, \text{cols})` eigenvalues (the zeros of
 :math:`W^⊤W` beyond its rank are dropped). α does not depend on this choice; the norms do.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -25,11 +49,23 @@ import numpy as np
 __all__ = [
     "LayerSpectrum",
     "PowerLawFit",
+    "WeightLayer",
     "WeightSpectra",
     "fit_power_law",
     "layer_eigenvalues",
+    "weight_layers",
     "weight_spectra",
 ]
+
+_ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
+_METRICS = (
+    "alpha",
+    "alpha_weighted",
+    "log10_spectral_norm",
+    "log10_frobenius_norm",
+    "stable_rank",
+    "matrix_entropy",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +79,30 @@ class PowerLawFit:
     num_tail: int
 
 
+_NO_FIT = PowerLawFit(math.nan, math.nan, math.nan, math.nan, 0)
+
+
+class WeightLayer(NamedTuple):
+    """One layer as analysed: ``kind`` (``"dense"``, ``"dense_general"``, ``"conv"`` or ``"embedding"``),
+    the pytree ``path`` of its leaf, and its ``matrices``, shape ``(num_matrices, rows, cols)`` (one
+    matrix, or one per spatial position of a convolution)."""
+
+    kind: str
+    path: str
+    matrices: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpectrum:
-    """Weight-spectrum metrics of one layer (see :func:`weight_spectra` for the definitions)."""
+    """Weight-spectrum metrics of one layer (see :func:`weight_spectra` for the definitions).
 
+    ``matrix_shape`` is the ``(rows, cols)`` of each of the ``num_matrices`` matrices analysed. A layer
+    without a power-law fit has ``power_law.alpha`` and ``alpha_weighted`` NaN, its norms all the same.
+    """
+
+    kind: str
+    matrix_shape: tuple[int, int]
+    num_matrices: int
     num_eigenvalues: int
     power_law: PowerLawFit
     alpha_weighted: float
@@ -55,19 +111,43 @@ class LayerSpectrum:
     stable_rank: float
     matrix_entropy: float
 
+    def scalars(self) -> dict[str, float]:
+        """``alpha``, ``alpha_weighted``, ``log10_spectral_norm``, ``log10_frobenius_norm``,
+        ``stable_rank``, ``matrix_entropy``."""
+        return {
+            "alpha": self.power_law.alpha,
+            "alpha_weighted": self.alpha_weighted,
+            "log10_spectral_norm": self.log10_spectral_norm,
+            "log10_frobenius_norm": self.log10_frobenius_norm,
+            "stable_rank": self.stable_rank,
+            "matrix_entropy": self.matrix_entropy,
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpectra:
-    """Per-layer metrics keyed by pytree path (``"Dense_0/kernel"``), skipped layers with the reason,
-    and ``summary``: the mean of each metric over the fitted layers."""
+    """Metrics of every layer, keyed by layer name (see :func:`weight_layers`);
+    ``skipped``: the layers left out of the power-law fit and of ``summary``, with the reason (those with
+    finite, non-zero weights are still in ``layers``, with NaN α); ``summary``: the mean of each metric
+    over the fitted layers (empty when none is)."""
 
     layers: dict[str, LayerSpectrum]
     skipped: dict[str, str]
     summary: dict[str, float]
 
+    def per_layer_scalars(self) -> dict[str, float]:
+        """``{"<layer>/<metric>": value}`` for every layer and each metric of :meth:`LayerSpectrum.scalars`,
+        ``alpha`` and ``alpha_weighted`` NaN for a layer without a fit (so a layer keeps its names from
+        one call to the next). Prefix them for logging, e.g. ``weights/Dense_0/alpha``."""
+        return {
+            f"{name}/{metric}": value
+            for name, layer in self.layers.items()
+            for metric, value in layer.scalars().items()
+        }
+
 
 def weight_spectra(params: Any, *, min_eigenvalues: int = 10) -> WeightSpectra:
-    r"""Weight-spectrum metrics of every ``kernel`` leaf of ``params`` with ``ndim ≥ 2``.
+    r"""Weight-spectrum metrics of every layer of ``params`` (the layers of :func:`weight_layers`).
 
     With the pooled eigenvalues :math:`λ_1 ≥ … ≥ λ_M` of a layer (module doc):
 
@@ -80,43 +160,74 @@ def weight_spectra(params: Any, *, min_eigenvalues: int = 10) -> WeightSpectra:
     with α from :func:`fit_power_law`, ``R`` the number of non-zero eigenvalues (``H`` is NaN for
     ``R = 1``), and WeightWatcher's conventions: the "spectral norm" and "Frobenius norm" are those
     of the eigenvalues, i.e. squared norms of :math:`W / \sqrt N`. Layers with fewer than
-    ``min_eigenvalues`` non-zero eigenvalues (WeightWatcher's default: 10) or non-finite weights are skipped.
+    ``min_eigenvalues`` non-zero eigenvalues (WeightWatcher's default: 10) get no power-law fit (α and
+    :math:`\hat α` NaN, the other metrics as defined); layers with non-finite or all-zero weights are
+    skipped altogether. Both are listed in ``skipped`` and left out of ``summary``.
+
+    Example::
+
+        spectra = weight_spectra(model.params)
+        spectra.summary["alpha"]                            # mean α over the fitted layers
+        spectra.per_layer_scalars()["Dense_0/alpha"]        # one layer's α
 
     Reference: Martin & Mahoney, "Traditional and heavy-tailed self regularization in neural network
     models", arXiv 1901.08278; Martin, Peng & Mahoney, Nat. Commun. 12 (2021) (α̂ and the norms).
     """
     layers, skipped = {}, {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if _key_name(path[-1]) != "kernel" or np.ndim(leaf) < 2:
-            continue
-        name = "/".join(_key_name(key) for key in path)
-        if not np.all(np.isfinite(leaf)):
+    for name, layer in weight_layers(params).items():
+        if not np.all(np.isfinite(layer.matrices)):
             skipped[name] = "non-finite weights (NaN or inf)"
             continue
-        eigenvalues = layer_eigenvalues(leaf)
+        eigenvalues = layer_eigenvalues(layer.matrices)
         nonzero = eigenvalues[eigenvalues > eigenvalues[0] * eigenvalues.size * np.finfo(np.float64).eps]
+        if nonzero.size == 0:
+            skipped[name] = "all weights are zero"
+            continue
+        fit = _NO_FIT
         if nonzero.size < min_eigenvalues:
-            skipped[name] = f"{nonzero.size} non-zero eigenvalues < min_eigenvalues={min_eigenvalues}"
-            continue
-        fit = fit_power_law(nonzero)
-        if not np.isfinite(fit.alpha):
-            skipped[name] = "power-law fit failed: fewer than two distinct eigenvalues"
-            continue
-        layers[name] = _layer_spectrum(eigenvalues.size, nonzero, fit)
-    return WeightSpectra(layers, skipped, _summary(layers))
+            skipped[name] = f"{nonzero.size} non-zero eigenvalues < min_eigenvalues={min_eigenvalues}: no fit"
+        else:
+            fit = fit_power_law(nonzero)
+            if not np.isfinite(fit.alpha):
+                skipped[name] = "power-law fit failed: fewer than two distinct eigenvalues"
+        layers[name] = _layer_spectrum(layer, eigenvalues.size, nonzero, fit)
+    return WeightSpectra(layers, skipped, _summary([s for n, s in layers.items() if n not in skipped]))
 
 
-def layer_eigenvalues(kernel: Any) -> np.ndarray:
-    r"""Pooled eigenvalues :math:`σ^2 / \max(\text{in}, \text{out})` of a ``(*spatial, in, out)`` kernel.
+def weight_layers(params: Any) -> dict[str, WeightLayer]:
+    """The layers of ``params`` and the matrices analysed for each (rules in the module doc), in pytree order.
 
-    Descending, ``prod(spatial) · min(in, out)`` of them.
+    A layer's name is the ``/``-joined path of its module (``Dense_0``, ``encoder/attn/query``): the
+    leaf's path without its final ``kernel``/``embedding`` (nor NNX's trailing ``.value``). A module
+    with several layer leaves, or the root, keeps the leaf name (``kernel``). Characters other than
+    letters, digits, ``_``, ``.`` and ``-`` become ``_`` and an empty part ``_``, so names are valid
+    TensorBoard tags and HDF5 paths.
     """
-    kernel = np.asarray(kernel, dtype=np.float64)
-    if kernel.ndim < 2:
-        raise ValueError(f"kernel must have ndim >= 2 (*spatial, in, out); got shape {kernel.shape}.")
-    slices = kernel.reshape(-1, *kernel.shape[-2:])
+    leaves = {tuple(_key_names(path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    found = []
+    for names, leaf in leaves.items():
+        layer = _weight_layer(names, leaf, leaves)
+        if layer is not None:
+            found.append((names, layer))
+    layers_per_module = collections.Counter(names[:-1] for names, _ in found)
+    return {
+        _layer_name(names if not names[:-1] or layers_per_module[names[:-1]] > 1 else names[:-1]): layer
+        for names, layer in found
+    }
+
+
+def layer_eigenvalues(matrices: Any) -> np.ndarray:
+    r"""Pooled eigenvalues :math:`σ^2 / \max(\text{rows}, \text{cols})` of ``(*batch, rows, cols)`` matrices.
+
+    Descending, ``prod(batch) · min(rows, cols)`` of them: a convolution kernel ``(*spatial, in, out)``
+    gives one ``(in, out)`` slice per position; a :class:`WeightLayer`'s ``matrices`` are already stacked.
+    """
+    matrices = np.asarray(matrices, dtype=np.float64)
+    if matrices.ndim < 2:
+        raise ValueError(f"matrices must have ndim >= 2 (*batch, rows, cols); got shape {matrices.shape}.")
+    slices = matrices.reshape(-1, *matrices.shape[-2:])
     singular_values = np.linalg.svd(slices, compute_uv=False).ravel()
-    return np.sort(singular_values**2 / max(kernel.shape[-2:]))[::-1]
+    return np.sort(singular_values**2 / max(matrices.shape[-2:]))[::-1]
 
 
 def fit_power_law(eigenvalues: Any) -> PowerLawFit:
@@ -153,36 +264,71 @@ def fit_power_law(eigenvalues: Any) -> PowerLawFit:
     return best
 
 
-def _layer_spectrum(num_eigenvalues: int, nonzero: np.ndarray, fit: PowerLawFit) -> LayerSpectrum:
+def _weight_layer(names: tuple[str, ...], leaf: Any, leaves: dict[tuple[str, ...], Any]) -> WeightLayer | None:
+    leaf_name, module, shape = (names[-1] if names else ""), names[:-1], np.shape(leaf)
+    path = "/".join(names)
+    if leaf_name == "embedding" and len(shape) == 2:
+        return WeightLayer("embedding", path, np.asarray(leaf)[None])
+    if leaf_name != "kernel" or len(shape) < 2:
+        return None
+    if len(shape) == 2:
+        return WeightLayer("dense", path, np.asarray(leaf)[None])
+    num_in = _dense_general_input_axes(module, shape, leaves)
+    if num_in is not None:
+        rows = math.prod(shape[:num_in])
+        return WeightLayer("dense_general", path, np.asarray(leaf).reshape(1, rows, -1))
+    return WeightLayer("conv", path, np.asarray(leaf).reshape(-1, *shape[-2:]))
+
+
+def _dense_general_input_axes(module: tuple[str, ...], shape: tuple[int, ...], leaves: dict) -> int | None:
+    """Number of leading input axes of a rank ≥ 3 DenseGeneral kernel, or None for a convolution."""
+    if (
+        module
+        and module[-1] in _ATTENTION_PROJECTIONS
+        and all((*module[:-1], projection, "kernel") in leaves for projection in _ATTENTION_PROJECTIONS)
+    ):
+        return len(shape) - 1 if module[-1] == "out" else 1
+    bias = leaves.get((*module, "bias"))
+    bias_shape = () if bias is None else np.shape(bias)
+    if (
+        0 < len(bias_shape) < len(shape)
+        and tuple(shape[-len(bias_shape) :]) == bias_shape
+        and (len(bias_shape) >= 2 or (module and re.fullmatch(r"DenseGeneral_\d+", module[-1])))
+    ):
+        return len(shape) - len(bias_shape)
+    return None
+
+
+def _layer_spectrum(layer: WeightLayer, num_eigenvalues: int, nonzero: np.ndarray, fit: PowerLawFit) -> LayerSpectrum:
     largest, total = nonzero[0], nonzero.sum()
     p = nonzero / total
     entropy = -np.sum(p * np.log(p)) / np.log(nonzero.size) if nonzero.size > 1 else math.nan
+    num_matrices, rows, cols = layer.matrices.shape
     return LayerSpectrum(
+        kind=layer.kind,
+        matrix_shape=(rows, cols),
+        num_matrices=num_matrices,
         num_eigenvalues=num_eigenvalues,
         power_law=fit,
         alpha_weighted=fit.alpha * math.log10(largest),
         log10_spectral_norm=math.log10(largest),
         log10_frobenius_norm=math.log10(total),
-        stable_rank=total / largest,
+        stable_rank=float(total / largest),
         matrix_entropy=float(entropy),
     )
 
 
-def _summary(layers: dict[str, LayerSpectrum]) -> dict[str, float]:
-    rows = [
-        {
-            "alpha": layer.power_law.alpha,
-            "alpha_weighted": layer.alpha_weighted,
-            "log10_spectral_norm": layer.log10_spectral_norm,
-            "log10_frobenius_norm": layer.log10_frobenius_norm,
-            "stable_rank": layer.stable_rank,
-            "matrix_entropy": layer.matrix_entropy,
-        }
-        for layer in layers.values()
-    ]
-    if not rows:
+def _summary(fitted: list[LayerSpectrum]) -> dict[str, float]:
+    if not fitted:
         return {}
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+    return {metric: float(np.mean([layer.scalars()[metric] for layer in fitted])) for metric in _METRICS}
+
+
+def _key_names(path: tuple) -> list[str]:
+    # NNX's State ends each path in the Variable's ``.value`` attribute; a dict key named "value" is kept.
+    while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return [_key_name(key) for key in path]
 
 
 def _key_name(key: Any) -> str:
@@ -190,3 +336,7 @@ def _key_name(key: Any) -> str:
         if hasattr(key, attribute):
             return str(getattr(key, attribute))
     return str(key)
+
+
+def _layer_name(names: tuple[str, ...]) -> str:
+    return "/".join(re.sub(r"[^A-Za-z0-9_.\-]", "_", name) or "_" for name in names)

@@ -2,7 +2,8 @@
 
 Every tile function in ``ntkcv.ntk`` receives ``f(params, x) -> (N, O, R)``: the model's outputs with
 the kept (untraced) output axes flattened into ``O`` and the traced ones into ``R``. It returns the
-kernel summed over ``R``:
+kernel summed over ``R`` as a tuple with one kernel per parameter group (:mod:`ntkcv.ntk.groups`; by default
+one group, the whole Θ):
 
 .. math::
    Θ_{ab,oq} = \\sum_{r} \\sum_{p} ∂_p f_{o r}(x_a) \\; ∂_p f_{q r}(x_b)
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ntkcv.ntk.groups import LeafGroups, group_sums
 from ntkcv.ntk.profile import ModelProfile
 
 CanonicalFn = Callable[[Any, jax.Array], jax.Array]  # (params, x (N, ...)) -> (N, O, R)
@@ -34,37 +36,32 @@ def per_sample_jacobian(f: CanonicalFn, params: Any, x: jax.Array) -> Any:
     return jax.vmap(single)(x)
 
 
-def contract_jacobians(jac1: Any, jac2: Any) -> jax.Array:
-    """Σ over leaves, traced axis and parameters of ``J₁ J₂ᵀ``: ``(N₁, O, R, …), (N₂, O, R, …) -> (N₁, N₂, O, O)``."""
-
-    def leaf(j1, j2):
-        j1 = j1.reshape(j1.shape[:3] + (-1,))
-        j2 = j2.reshape(j2.shape[:3] + (-1,))
-        return jnp.einsum("aorp,bqrp->aboq", j1, j2)
-
-    return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(leaf, jac1, jac2)))
+def contract_leaf(j1: jax.Array, j2: jax.Array) -> jax.Array:
+    """One leaf's ``J₁ J₂ᵀ`` summed over the traced axis and parameters: ``(N₁, O, R, …), (N₂, O, R, …) -> (N₁, N₂,
+    O, O)``."""
+    return jnp.einsum("aorp,bqrp->aboq", j1.reshape(j1.shape[:3] + (-1,)), j2.reshape(j2.shape[:3] + (-1,)))
 
 
-def contract_diagonal(jac: Any) -> jax.Array:
-    """Per-sample blocks ``Θ_aa``: ``(N, O, R, …) -> (N, O, O)``."""
-
-    def leaf(j):
-        j = j.reshape(j.shape[:3] + (-1,))
-        return jnp.einsum("aorp,aqrp->aoq", j, j)
-
-    return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(leaf, jac)))
+def contract_leaf_diagonal(j: jax.Array) -> jax.Array:
+    """One leaf's per-sample blocks ``Θ_aa``: ``(N, O, R, …) -> (N, O, O)``."""
+    j = j.reshape(j.shape[:3] + (-1,))
+    return jnp.einsum("aorp,aqrp->aoq", j, j)
 
 
-def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None) -> jax.Array:
-    """Θ(x₁, x₂) of shape ``(N₁, N₂, O, O)`` by Jacobian contraction; ``x2=None`` means ``x2 = x1``."""
-    jac1 = per_sample_jacobian(f, params, x1)
-    jac2 = jac1 if x2 is None else per_sample_jacobian(f, params, x2)
-    return contract_jacobians(jac1, jac2)
+def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None, *,
+                groups: LeafGroups | None = None) -> tuple[jax.Array, ...]:
+    """Θ_g(x₁, x₂) of shape ``(N₁, N₂, O, O)`` for each group by Jacobian contraction (``groups``: each leaf's
+    group; ``None``: one group, the whole Θ); ``x2=None`` means ``x2 = x1``."""
+    jac1 = jax.tree_util.tree_leaves(per_sample_jacobian(f, params, x1))
+    jac2 = jac1 if x2 is None else jax.tree_util.tree_leaves(per_sample_jacobian(f, params, x2))
+    return group_sums(enumerate(map(contract_leaf, jac1, jac2)), groups)
 
 
-def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array) -> jax.Array:
-    """Θ(x_a, x_a) for each sample, shape ``(N, O, O)``."""
-    return contract_diagonal(per_sample_jacobian(f, params, x))
+def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *,
+                  groups: LeafGroups | None = None) -> tuple[jax.Array, ...]:
+    """Θ_g(x_a, x_a) for each sample and group, shape ``(N, O, O)``."""
+    jac = jax.tree_util.tree_leaves(per_sample_jacobian(f, params, x))
+    return group_sums(enumerate(map(contract_leaf_diagonal, jac)), groups)
 
 
 def flops(profile: ModelProfile, n1: int, n2: int) -> float:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ntkcv.ntk import jacobian, ntvp, structured
+from ntkcv.ntk.groups import GroupSpec, LeafGroups, check_groups, partition
 from ntkcv.ntk.layout import canonical_fn, output_layout
 from ntkcv.ntk.profile import ModelProfile, profile_model
 from ntkcv.ntk.tiling import (
@@ -32,18 +33,19 @@ logger = logging.getLogger("ntkcv.ntk")
 class Implementation(enum.StrEnum):
     """How the empirical NTK is computed. All are exact to rounding; they differ in cost.
 
-    - ``JACOBIAN``: per-sample Jacobians ``J`` (reverse mode), then ``Θ = Σ_leaves J₁J₂ᵀ``. Cost
+    - ``JACOBIAN``: per-sample Jacobians ``J`` (reverse mode), then ``Θ_g = Σ_{leaves in g} J₁J₂ᵀ``. Cost
       ``(N₁+N₂)·O·R`` backward passes and an ``N₁N₂O²RP`` contraction; memory ``(N₁+N₂)·O·R·P``. Best for
       small ``P`` with expensive forward passes (weight sharing, convolutions).
     - ``NTVP``: NTK-vector products: every per-sample gradient of ``x₂`` pushed forward through the
       model at ``x₁``. Cost ``N₂·O·R`` backward plus ``N₁N₂·O·R`` forward passes, no contraction over
-      ``P``. Best for full (untraced) kernels of wide dense models.
+      ``P``. Best for full (untraced) kernels of wide dense models. Gives the whole Θ only, not parameter groups.
     - ``STRUCTURED``: layer-factorised: each Dense/DenseGeneral/Conv/Embed layer's share of Θ from its
       inputs and per-output cotangents, in the cheaper of two contraction orders; other leaves take
       the Jacobian contraction. Never builds a Jacobian of a covered layer; the fast path for monitoring.
+      Parameter groups come from the same pass: each layer's share and leaf's contraction go to their group.
     - ``AUTO``: the implementation with the smallest FLOP estimate for these shapes, from XLA's cost
       analysis of one forward pass and the layers ``structured`` covers (see each module's ``flops``);
-      ties go to ``jacobian``.
+      ties go to ``jacobian``; with parameter groups, ``ntvp`` is not a candidate.
     """
 
     JACOBIAN = "jacobian"
@@ -56,35 +58,51 @@ _MODULES: dict[Implementation, ModuleType] = {
     Implementation.JACOBIAN: jacobian, Implementation.NTVP: ntvp, Implementation.STRUCTURED: structured}
 
 
+_GROUPED = (Implementation.JACOBIAN, Implementation.STRUCTURED)  # the implementations that split Θ into groups
+
+
 class _Costs:
-    """Each implementation's ``flops(n1, n2)`` and ``tile_bytes(b1, b2)`` for one model and input shape, and the
-    keyword arguments its tile functions take (``structured``: the coverage, whose trace of the model they reuse)."""
+    """Each implementation's ``flops(n1, n2)`` and ``tile_bytes(b1, b2)`` for one model, input shape and parameter
+    groups (``groups``: each leaf's group; ``None``: one group), and the keyword arguments its tile functions take
+    (the groups; for ``structured`` the coverage, whose trace of the model they reuse)."""
 
-    def __init__(self, f, params, x, profile: ModelProfile):
-        self.options = {impl: {} for impl in _MODULES}
-        self.options[Implementation.STRUCTURED] = {"cover": structured.coverage(f, params, x)}
-        self.flops = {impl: functools.partial(module.flops, profile, **self.options[impl])
+    def __init__(self, f, params, x, profile: ModelProfile, groups: LeafGroups | None = None):
+        cover = structured.coverage(f, params, x, groups)
+        self.options = {Implementation.JACOBIAN: {"groups": groups}, Implementation.NTVP: {},
+                        Implementation.STRUCTURED: {"cover": cover}}
+        model = {Implementation.JACOBIAN: {}, Implementation.NTVP: {}, Implementation.STRUCTURED: {"cover": cover}}
+        self.flops = {impl: functools.partial(module.flops, profile, **model[impl])
                       for impl, module in _MODULES.items()}
-        self.tile_bytes = {impl: functools.partial(module.tile_bytes, profile, **self.options[impl])
+        # each group after the first holds one more (O, O) kernel block per pair of samples
+        self._block_bytes = (0 if groups is None else max(groups)) * profile.kept**2 * profile.itemsize
+        self.tile_bytes = {impl: self._with_blocks(functools.partial(module.tile_bytes, profile, **model[impl]))
                            for impl, module in _MODULES.items()}
-        self.split_bytes = functools.partial(structured.split_bytes, profile,
-                                             **self.options[Implementation.STRUCTURED])
+        self._split_bytes = functools.partial(structured.split_bytes, profile, cover=cover)
+
+    def _with_blocks(self, tile_bytes: Callable[[int, int], int]) -> Callable[[int, int], int]:
+        return lambda b1, b2: tile_bytes(b1, b2) + b1 * b2 * self._block_bytes
+
+    def split_bytes(self, n1: int, n2: int, *, same: bool):
+        """:func:`structured.split_bytes` with the groups' kernel blocks."""
+        stored, build_bytes, contract_bytes = self._split_bytes(n1, n2, same=same)
+        return stored, build_bytes, self._with_blocks(contract_bytes)
 
 
-def _choose(costs: _Costs, n1: int, n2: int) -> Implementation:
-    estimates = {impl: flops(n1, n2) for impl, flops in costs.flops.items()}
+def _choose(costs: _Costs, n1: int, n2: int, candidates: Sequence[Implementation]) -> Implementation:
+    estimates = {impl: costs.flops[impl](n1, n2) for impl in candidates}
     choice = min(estimates, key=estimates.get)
     logger.debug("auto implementation: %s (estimated FLOPs %s)", choice.value,
                  {impl.value: f"{cost:.3g}" for impl, cost in estimates.items()})
     return choice
 
 
-def _nan_if_nonfinite(kernel: jax.Array, warn: bool) -> jax.Array:
-    """Replace non-finite entries by NaN; with ``warn``, also warn at run time (works under ``jit``)."""
-    finite = jnp.isfinite(kernel)
+def _nan_if_nonfinite(kernels: tuple[jax.Array, ...], warn: bool) -> tuple[jax.Array, ...]:
+    """Replace non-finite entries by NaN; with ``warn``, also warn (once for all groups) at run time (works under
+    ``jit``)."""
+    finite = [jnp.isfinite(kernel) for kernel in kernels]
     if warn:
-        jax.debug.callback(_warn_nonfinite, jnp.sum(~finite), kernel.size)
-    return jnp.where(finite, kernel, jnp.nan)
+        jax.debug.callback(_warn_nonfinite, sum(jnp.sum(~f) for f in finite), sum(k.size for k in kernels))
+    return tuple(jnp.where(f, kernel, jnp.nan) for f, kernel in zip(finite, kernels, strict=True))
 
 
 def _warn_nonfinite(count, size) -> None:
@@ -103,14 +121,17 @@ def ntk_fn(
     trace_axes: Sequence[int] = (-1,),
     implementation: str | Implementation = "auto",
     diagonal: bool = False,
+    groups: GroupSpec | None = None,
     memory_budget: int | None = None,
     precision: str | None = "highest",
     warn: bool = True,
-) -> Callable[..., jax.Array]:
-    """Empirical neural tangent kernel of ``apply_fn`` with respect to all of ``params``.
+) -> Callable[..., jax.Array | dict[str, jax.Array]]:
+    """Empirical neural tangent kernel of ``apply_fn`` with respect to all of ``params``, whole or per parameter group.
 
     .. math::
        Θ_{ij} = \\sum_{k ∈ \\text{traced}} \\Big\\langle \\frac{∂f_k(x_i)}{∂θ}, \\frac{∂f_k(x_j)}{∂θ} \\Big\\rangle
+       = \\sum_g Θ^{(g)}_{ij}, \\qquad Θ^{(g)}_{ij} = \\sum_{k ∈ \\text{traced}} \\sum_{θ ∈ g}
+       \\frac{∂f_k(x_i)}{∂θ} \\frac{∂f_k(x_j)}{∂θ}
 
     Traced output axes are *summed* (neural-tangents averages them: its kernel is ours divided by
     the traced size).
@@ -122,6 +143,9 @@ def ntk_fn(
       implementation: ``"jacobian"``, ``"ntvp"``, ``"structured"`` or ``"auto"`` (see :class:`Implementation`).
       diagonal: return only ``Θ(x_i, x_i)``: ``(N,)`` traced, ``(N, k, k, …)`` otherwise; never builds
         the ``N × N`` kernel.
+      groups: ``None`` for Θ; ``"layers"`` or a mapping ``{name: pattern(s)}`` for the kernels ``Θ^{(g)}`` of
+        parameter groups (one per layer, or by ``fnmatch`` patterns on ``/``-joined leaf paths; every leaf in
+        exactly one group: see :func:`ntkcv.parameter_groups`), computed in one pass; not with ``"ntvp"``.
       memory_budget: bytes one tile may use (default: half the device memory, a quarter of host RAM
         on CPU); larger probe sets are computed in tiles.
       precision: matmul precision (``"highest"``: full float32 even where the default is TF32; pass
@@ -134,6 +158,7 @@ def ntk_fn(
       ``kernel_fn(params, x1, x2=None)``, jitted, giving ``(N₁, N₂)`` for fully traced outputs or
       ``(N₁, N₂, k₁, k₁, k₂, k₂, …)`` (neural-tangents' order) otherwise; see
       :func:`ntkcv.flatten_kernel` for ``(N₁·K, N₂·K)``. With ``diagonal=True``: ``kernel_fn(params, x)``.
+      With ``groups``: ``{group name: kernel}`` of such kernels, summing to Θ (keys sorted, as ``jit`` returns dicts).
 
     Example:
       >>> import jax, jax.numpy as jnp, ntkcv
@@ -141,6 +166,8 @@ def ntk_fn(
       >>> params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
       >>> ntkcv.ntk_fn(apply_fn)(params, jnp.ones((5, 3))).shape
       (5, 5)
+      >>> {g: k.shape for g, k in ntkcv.ntk_fn(apply_fn, groups="layers")(params, jnp.ones((5, 3))).items()}
+      {'v': (5, 5), 'w': (5, 5)}
     """
     try:
         impl = Implementation(implementation)
@@ -154,21 +181,29 @@ def ntk_fn(
     trace_axes = tuple(trace_axes)
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if groups is not None:
+        groups = check_groups(groups)
+        if impl not in (*_GROUPED, Implementation.AUTO):
+            *others, last = (repr(i.value) for i in (*_GROUPED, Implementation.AUTO))
+            raise ValueError(f"implementation {impl.value!r} gives only the whole kernel; with groups use "
+                             f"{', '.join(others)} or {last}")
 
     def prepare(params, x1, x2):
         num_params = check_params(params)
         check_inputs(x1, x2)
+        names, leaf_groups = (None, None) if groups is None else partition(params, groups)
         # shapes only, so outside the precision context: a caller's own eval_shape of apply_fn is reused, not redone
         layout = output_layout(apply_fn, params, x1, trace_axes)
         f = canonical_fn(apply_fn, layout)
         with jax.default_matmul_precision(precision):
             profile = profile_model(f, params, x1, layout.kept_size, layout.traced_size, num_params)
-            costs = _Costs(f, params, x1, profile)
+            costs = _Costs(f, params, x1, profile, leaf_groups)
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        chosen = _choose(costs, n1, n2) if impl is Implementation.AUTO else impl
+        candidates = tuple(_MODULES) if groups is None else _GROUPED
+        chosen = _choose(costs, n1, n2, candidates) if impl is Implementation.AUTO else impl
         budget = default_memory_budget() if memory_budget is None else memory_budget
-        return layout, f, costs, chosen, budget
+        return names, layout, f, costs, chosen, budget
 
     def tiled(f, params, x1, x2, costs, chosen, budget):
         """One tile if it fits; else, for ``structured``, each sample's features built once and contracted in
@@ -189,20 +224,24 @@ def ntk_fn(
         tiles = plan_tiles(n1, n2, tile_bytes, budget, num_devices)
         return tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b, **options), x1, x2, tiles)
 
-    @jax.jit
-    def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
-        layout, f, costs, chosen, budget = prepare(params, x1, x2)
-        with jax.default_matmul_precision(precision):
-            kernel = tiled(f, params, x1, x2, costs, chosen, budget)
-            return _nan_if_nonfinite(layout.unflatten_kernel(kernel), warn)
+    def finish(kernels, names, unflatten):
+        """The whole kernel, or the groups' kernels by name; non-finite entries as NaN."""
+        kernels = _nan_if_nonfinite(tuple(map(unflatten, kernels)), warn)
+        return kernels[0] if names is None else dict(zip(names, kernels, strict=True))
 
     @jax.jit
-    def diagonal_fn(params: Any, x: jax.Array) -> jax.Array:
-        layout, f, costs, chosen, budget = prepare(params, x, None)
+    def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array | dict[str, jax.Array]:
+        names, layout, f, costs, chosen, budget = prepare(params, x1, x2)
+        with jax.default_matmul_precision(precision):
+            return finish(tiled(f, params, x1, x2, costs, chosen, budget), names, layout.unflatten_kernel)
+
+    @jax.jit
+    def diagonal_fn(params: Any, x: jax.Array) -> jax.Array | dict[str, jax.Array]:
+        names, layout, f, costs, chosen, budget = prepare(params, x, None)
         with jax.default_matmul_precision(precision):
             tile_bytes, module, options = costs.tile_bytes[chosen], _MODULES[chosen], costs.options[chosen]
             tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
             diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t, **options), x, tile)
-            return _nan_if_nonfinite(layout.unflatten_diagonal(diag), warn)
+            return finish(diag, names, layout.unflatten_diagonal)
 
     return diagonal_fn if diagonal else kernel_fn

@@ -9,7 +9,8 @@ For every sample ``b`` of ``x₂`` and output ``(q, r)`` the per-sample gradient
 
 Cost: ``N₂·O·R`` single-sample backward passes plus ``N₂·O·R`` linearised forward passes over ``N₁``
 samples; no ``N·N·P`` contraction. Fastest when a forward pass is cheap relative to ``O·P`` (wide dense
-layers, full kernels); memory ``N₂·O·R·P`` numbers for the gradients.
+layers, full kernels); memory ``N₂·O·R·P`` numbers for the gradients. Gives only the whole Θ (one group):
+splitting it into parameter groups would take one push-forward per group.
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ def _per_sample_gradients(f: CanonicalFn, params: Any, x: jax.Array) -> Any:
     return jax.vmap(single)(x)
 
 
-def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None) -> jax.Array:
-    """Θ(x₁, x₂) of shape ``(N₁, N₂, O, O)`` from NTK-vector products; ``x2=None`` means ``x2 = x1``."""
+def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None) -> tuple[jax.Array]:
+    """``(Θ(x₁, x₂),)``, shape ``(N₁, N₂, O, O)``, from NTK-vector products; ``x2=None`` means ``x2 = x1``."""
     grads = _per_sample_gradients(f, params, x1 if x2 is None else x2)
     _, push_forward = jax.linearize(lambda p: f(p, x1), params)
     columns = jax.vmap(jax.vmap(push_forward))(grads)  # (N2, O·R, N1, O, R)
     n2, _, n1, kept, traced = columns.shape
     columns = columns.reshape(n2, kept, traced, n1, kept, traced)
-    return jnp.einsum("bqraor->aboq", columns)
+    return (jnp.einsum("bqraor->aboq", columns),)
 
 
-def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array) -> jax.Array:
-    """Θ(x_a, x_a) for each sample, shape ``(N, O, O)``."""
+def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array) -> tuple[jax.Array]:
+    """``(Θ(x_a, x_a),)`` for each sample, shape ``(N, O, O)``."""
 
     def single(sample):
         grads = _per_sample_gradients(f, params, sample[None])
@@ -54,7 +55,7 @@ def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array) -> jax.Array:
         kept, traced = columns.shape[1:]
         return jnp.einsum("qror->oq", columns.reshape(kept, traced, kept, traced))
 
-    return jax.vmap(single)(x)
+    return (jax.vmap(single)(x),)
 
 
 def flops(profile: ModelProfile, n1: int, n2: int) -> float:

@@ -27,12 +27,16 @@ took which path is logged at DEBUG level on ``logging.getLogger("ntkcv.ntk")``.
 
 Mechanism: one backward pass per sample and output (vmapped) with respect to zero "probes" added to
 every covered layer's output and to the fallback leaves gives all cotangents ``g`` and fallback
-Jacobians at once; layer inputs are recorded in the same forward pass. linen layers are found with
-``flax.linen.intercept_methods``; NNX layers through :data:`ntkcv.models.nnx_module_hook`, which
-``from_nnx``'s ``apply_fn`` calls with the merged module (an NNX model applied by a hand-written
-``apply_fn`` falls back entirely). Like every implementation this assumes samples do not interact
-(BatchNorm in eval mode). A parameter also read outside its layer's call by hand (e.g. ``x @
-dense.variables['params']['kernel'].T``) is not detected; use ``Embed.attend`` or share the module.
+Jacobians at once; layer inputs are recorded in the same forward pass. Layers are recognised through
+the protocol of :mod:`ntkcv.ntk.interception` (Flax's by :mod:`ntkcv.layers`: linen layers in any
+``apply_fn``, NNX layers of a model made by ``from_nnx``). Like every implementation this assumes
+samples do not interact (BatchNorm in eval mode). A parameter also read outside its layer's call by
+hand (e.g. ``x @ dense.variables['params']['kernel'].T``) is not detected; use ``Embed.attend`` or
+share the module.
+
+Parameter groups (:mod:`ntkcv.ntk.groups`): each covered layer's share and each fallback leaf's contraction
+is added to its group's kernel, all from the same per-sample factors; a layer whose kernel and bias lie in
+different groups keeps its kernel covered and contracts its bias as a fallback leaf.
 
 Dispatch: :func:`coverage` says what is covered; :func:`flops` and :func:`tile_bytes` take it as a last
 argument and follow the cost and memory protocol of the other implementations.
@@ -40,6 +44,7 @@ argument and follow the cost and memory protocol of the other implementations.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Any, NamedTuple
@@ -47,8 +52,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ntkcv.models import LayerCall, recording
 from ntkcv.ntk import jacobian
+from ntkcv.ntk.groups import LeafGroups, group_sums
+from ntkcv.ntk.interception import LayerCall, intercepting
 from ntkcv.ntk.jacobian import CanonicalFn
 from ntkcv.ntk.profile import ModelProfile
 
@@ -58,14 +64,14 @@ _MEMORY_LIMIT = 2**27  # elements of the largest intermediate a route may create
 
 
 class _Discovery:
-    """Records every call of a layer of a supported type: key -> [(method, LayerCall or reason, out shape)]."""
+    """Records every recognised layer call: key -> [(LayerCall with leaf indices as params, inputs, outputs) or
+    the reason it is not factorised]."""
 
     def __init__(self, leaves):
         self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
         self.calls: dict[str, list] = {}
-        self.nnx_keys: dict[int, str] = {}
 
-    def visit(self, key, method, describe, args, kwargs, call):
+    def visit(self, key, describe, call):
         y = call()
         layer = describe()
         if isinstance(layer, LayerCall):
@@ -73,11 +79,9 @@ class _Discovery:
             if any(i is None for i in index.values()):
                 layer = "reads parameters that are not leaves of params (transformed or closed over)"
             else:
-                inputs = args[0] if args else kwargs["inputs"]
-                layer = layer._replace(params=index)
-                shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (inputs, y)]
-                layer = (layer, *shapes)
-        self.calls.setdefault(key, []).append((method, layer))
+                shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (layer.inputs, y)]
+                layer = (layer._replace(params=index), *shapes)
+        self.calls.setdefault(key, []).append(layer)
         return y
 
 
@@ -87,12 +91,11 @@ class _Probe:
     def __init__(self, probes):
         self.probes = probes
         self.inputs: dict[str, jax.Array] = {}
-        self.nnx_keys: dict[int, str] = {}
 
-    def visit(self, key, method, describe, args, kwargs, call):
+    def visit(self, key, describe, call):
         y = call()
-        if key in self.probes and method == "__call__":
-            self.inputs[key] = args[0] if args else kwargs["inputs"]
+        if key in self.probes:
+            self.inputs[key] = describe().inputs
             y = y + self.probes[key]
         return y
 
@@ -119,6 +122,7 @@ class _Plan(NamedTuple):
     fallback: tuple[int, ...]  # leaf indices
     reasons: dict  # fallback leaf index -> reason
     out_shape: tuple[int, int]  # (O, R)
+    groups: LeafGroups | None  # each leaf's parameter group; None: one group
 
 
 def _sizes(kind, config, roles, inputs, outputs, leaf_shapes):
@@ -136,22 +140,31 @@ def _sizes(kind, config, roles, inputs, outputs, leaf_shapes):
     return math.prod(outputs.shape) // h, d + bias, h
 
 
-def _plan(f: CanonicalFn, params: Any, x: jax.Array) -> _Plan:
+def _bias_apart(key: str, roles: dict, groups: LeafGroups | None, reasons: dict) -> dict:
+    """A layer's roles without its bias when that lies in another parameter group than its kernel (the bias is then
+    contracted as a fallback leaf)."""
+    if groups is None or "bias" not in roles or groups[roles["bias"]] == groups[roles["kernel"]]:
+        return roles
+    reasons[roles["bias"]] = f"{key}: bias in another parameter group than the kernel"
+    return {"kernel": roles["kernel"]}
+
+
+def _plan(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | None = None) -> _Plan:
     leaves, treedef = jax.tree_util.tree_flatten(params)
     discovery = None
 
     def run(leaves, sample):
         nonlocal discovery
         discovery = _Discovery(leaves)
-        with recording(discovery):
+        with intercepting(discovery):
             return f(jax.tree_util.tree_unflatten(treedef, leaves), sample[None])
 
     out = jax.eval_shape(run, leaves, x[0])
     shapes = [jnp.shape(leaf) for leaf in leaves]
     layers, owner, reasons = [], {}, {}
     for key, calls in discovery.calls.items():
-        layer = calls[0][1]
-        described = [c[1] for c in calls if not isinstance(c[1], str)]
+        layer = calls[0]
+        described = [c for c in calls if not isinstance(c, str)]
         if len(calls) != 1 or isinstance(layer, str):
             why = layer if isinstance(layer, str) else f"layer called {len(calls)} times"
             for entry in described:
@@ -164,13 +177,14 @@ def _plan(f: CanonicalFn, params: Any, x: jax.Array) -> _Plan:
                 reasons[i] = f"{key}: parameters shared with {owner.get(i, key)}"
             continue
         owner.update({i: key for i in layer.params.values()})
-        sizes = _sizes(layer.kind, layer.config, layer.params, inputs, outputs, shapes)
-        layers.append(_Planned(key, layer.kind, layer.config, layer.params, inputs, outputs, *sizes))
+        roles = _bias_apart(key, layer.params, groups, reasons)
+        sizes = _sizes(layer.kind, layer.config, roles, inputs, outputs, shapes)
+        layers.append(_Planned(key, layer.kind, layer.config, roles, inputs, outputs, *sizes))
     shared = {i for i, why in reasons.items() if "shared with" in why}
     layers = [layer for layer in layers if not shared & set(layer.roles.values())]
     covered = {i for layer in layers for i in layer.roles.values()}
     fallback = tuple(i for i in range(len(leaves)) if i not in covered)
-    plan = _Plan(treedef, leaves, tuple(layers), fallback, reasons, tuple(out.shape[1:]))
+    plan = _Plan(treedef, leaves, tuple(layers), fallback, reasons, tuple(out.shape[1:]), groups)
     if logger.isEnabledFor(logging.DEBUG):
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         for layer in layers:
@@ -233,7 +247,7 @@ def _per_sample(f: CanonicalFn, plan: _Plan, x: jax.Array):
             leaves = list(plan.leaves)
             for i, leaf in zip(plan.fallback, fallback, strict=True):
                 leaves[i] = leaf
-            with recording(_Probe(probes)) as probe:
+            with intercepting(_Probe(probes)) as probe:
                 out = f(jax.tree_util.tree_unflatten(plan.treedef, leaves), sample[None])[0]
             return out, probe.inputs
 
@@ -330,6 +344,11 @@ def _layer_diagonal(layer, factors, route):
     return jnp.einsum("aom,aqm->aoq", w, w)
 
 
+def _leaf(layer: _Planned) -> int:
+    """A leaf of the layer (all of its leaves are in one parameter group)."""
+    return next(iter(layer.roles.values()))
+
+
 def _routes(plan: _Plan, n1: int, n2: int, *, same: bool) -> dict[str, str]:
     kept, traced = plan.out_shape
     return {layer.key: _choose(_route_costs(layer, n1, n2, kept, traced, same=same)) for layer in plan.layers}
@@ -339,9 +358,10 @@ def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, sam
              cover: Coverage | None = None):
     """``(features_fn, contract_fn)`` for an ``n₁ × n₂`` kernel: ``features_fn(x_tile)`` builds each sample's
     share once (per layer, the factors its route contracts: ``(U, G)`` for "gram", the weight gradient for
-    "grad"; the fallback Jacobians), ``contract_fn(F₁, F₂) -> (b₁, b₂, O, O)`` pairs them up. A tiled kernel
-    then builds every sample's features once, however many tiles it is cut into. ``None`` when no layer is
-    covered. ``cover``: :func:`coverage` of the same ``f``, ``params`` and inputs, whose trace is then reused."""
+    "grad"; the fallback Jacobians), ``contract_fn(F₁, F₂)`` pairs them up into one ``(b₁, b₂, O, O)`` kernel per
+    parameter group. A tiled kernel then builds every sample's features once, however many tiles it is cut into.
+    ``None`` when no layer is covered. ``cover``: :func:`coverage` of the same ``f``, ``params`` and inputs, whose
+    trace and parameter groups are then used; ``None``: traced here, one group."""
     plan = _plan(f, params, x) if cover is None else cover.plan
     if not plan.layers:
         return None
@@ -357,40 +377,41 @@ def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, sam
 
     def contract_fn(features1, features2):
         (layers1, jac1), (layers2, jac2) = features1, features2
-        total = jacobian.contract_jacobians(jac1, jac2) if plan.fallback else 0.0
-        for layer in plan.layers:
-            total = total + _layer_kernel(layer, layers1[layer.key], layers2[layer.key], routes[layer.key])
-        return total
+        fallback = zip(plan.fallback, map(jacobian.contract_leaf, jac1, jac2), strict=True)
+        covered = ((_leaf(layer), _layer_kernel(layer, layers1[layer.key], layers2[layer.key], routes[layer.key]))
+                   for layer in plan.layers)
+        return group_sums(itertools.chain(fallback, covered), plan.groups)
 
     return features_fn, contract_fn
 
 
 def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None, *,
-                cover: Coverage | None = None) -> jax.Array:
-    """Θ(x₁, x₂) of shape ``(N₁, N₂, O, O)``, layer-factorised where possible; ``x2=None``: ``x2 = x1``.
-    ``cover``: as for :func:`split_fn`."""
+                cover: Coverage | None = None) -> tuple[jax.Array, ...]:
+    """Θ_g(x₁, x₂) of shape ``(N₁, N₂, O, O)`` for each parameter group, layer-factorised where possible;
+    ``x2=None``: ``x2 = x1``. ``cover``: as for :func:`split_fn`."""
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     split = split_fn(f, params, x1, n1, n2, same=x2 is None, cover=cover)
     if split is None:
-        return jacobian.kernel_tile(f, params, x1, x2)
+        return jacobian.kernel_tile(f, params, x1, x2, groups=None if cover is None else cover.plan.groups)
     features_fn, contract_fn = split
     features1 = features_fn(x1)
     return contract_fn(features1, features1 if x2 is None else features_fn(x2))
 
 
-def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *, cover: Coverage | None = None) -> jax.Array:
-    """Θ(x_a, x_a) for each sample, shape ``(N, O, O)``; ``cover``: as for :func:`split_fn`."""
+def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *,
+                  cover: Coverage | None = None) -> tuple[jax.Array, ...]:
+    """Θ_g(x_a, x_a) for each sample and parameter group, shape ``(N, O, O)``; ``cover``: as for :func:`split_fn`."""
     plan = _plan(f, params, x) if cover is None else cover.plan
     if not plan.layers:
-        return jacobian.diagonal_tile(f, params, x)
+        return jacobian.diagonal_tile(f, params, x, groups=plan.groups)
     factors, jac = _per_sample(f, plan, x)
     kept, traced = plan.out_shape
-    total = jacobian.contract_diagonal(jac) if plan.fallback else 0.0
-    for layer in plan.layers:
-        route = _choose(_route_costs(layer, x.shape[0], x.shape[0], kept, traced, same=True, diagonal=True))
-        total = total + _layer_diagonal(layer, factors[layer.key], route)
-    return total
+    routes = {layer.key: _choose(_route_costs(layer, x.shape[0], x.shape[0], kept, traced, same=True, diagonal=True))
+              for layer in plan.layers}
+    fallback = zip(plan.fallback, map(jacobian.contract_leaf_diagonal, jac), strict=True)
+    covered = ((_leaf(layer), _layer_diagonal(layer, factors[layer.key], routes[layer.key])) for layer in plan.layers)
+    return group_sums(itertools.chain(fallback, covered), plan.groups)
 
 
 # --------------------------------------------------------------------------- coverage and cost model
@@ -417,12 +438,13 @@ class Coverage(NamedTuple):
     plan: _Plan  # the traced plan: per-layer sizes for the cost model, reused by the kernel functions
 
 
-def coverage(f: CanonicalFn, params: Any, x: jax.Array) -> Coverage:
-    """Which leaves of ``params`` the structured kernel covers for ``f(params, x) -> (N, O, R)``.
+def coverage(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | None = None) -> Coverage:
+    """Which leaves of ``params`` the structured kernel covers for ``f(params, x) -> (N, O, R)``, with the kernel
+    split into parameter groups (``groups``: each leaf's group; ``None``: one group).
 
     One abstract trace of ``f`` on ``x[:1]`` (shapes only, no computation); works inside ``jit``.
     """
-    plan = _plan(f, params, x)
+    plan = _plan(f, params, x, groups)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     sizes = [math.prod(jnp.shape(leaf)) for leaf in plan.leaves]
     layers = tuple(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,13 +101,10 @@ def _on_devices(fn: Callable, tiles: jax.Array, *replicated) -> jax.Array:
     return sharded(tiles, *replicated)
 
 
-def tiled_kernel(
-    tile_fn: Callable[[jax.Array, jax.Array | None], jax.Array],
-    x1: jax.Array,
-    x2: jax.Array | None,
-    tiles: tuple[int, int],
-) -> jax.Array:
-    """Assemble ``(N₁, N₂, O, O)`` from ``tile_fn(x1_tile, x2_tile) -> (b₁, b₂, O, O)``.
+def tiled_kernel(tile_fn: Callable[[jax.Array, jax.Array | None], Any], x1: jax.Array, x2: jax.Array | None,
+                 tiles: tuple[int, int]) -> Any:
+    """Assemble kernels ``(N₁, N₂, …)`` from ``tile_fn(x1_tile, x2_tile)``, a pytree of ``(b₁, b₂, …)`` blocks
+    (one per parameter group).
 
     ``x2=None`` means ``x2 = x1``; when one tile covers everything ``tile_fn`` gets ``None`` and may
     reuse work.
@@ -123,10 +121,11 @@ def tiled_kernel(
     def local_rows(row_tiles, column_tiles):
         return jax.lax.map(lambda r: jax.lax.map(lambda c: tile_fn(r, c), column_tiles), row_tiles)
 
-    blocks = _on_devices(local_rows, rows, columns)  # (T1, T2, b1, b2, O, O)
-    t1, t2 = blocks.shape[:2]
-    kernel = blocks.transpose(0, 2, 1, 3, 4, 5).reshape((t1 * b1, t2 * b2) + blocks.shape[4:])
-    return kernel[:n1, :n2]
+    def assemble(blocks):  # (T1, T2, b1, b2, …) -> (N1, N2, …)
+        t1, t2 = blocks.shape[:2]
+        return jnp.swapaxes(blocks, 1, 2).reshape((t1 * b1, t2 * b2) + blocks.shape[4:])[:n1, :n2]
+
+    return jax.tree_util.tree_map(assemble, _on_devices(local_rows, rows, columns))
 
 
 def tiled_per_sample(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
@@ -151,9 +150,10 @@ def plan_split(n1: int, n2: int, stored: int, build_bytes: TileBytesFn, contract
 
 
 def tiled_split_kernel(features_fn: Callable, contract_fn: Callable, x1: jax.Array, x2: jax.Array | None,
-                       feature_tile: int, tiles: tuple[int, int]) -> jax.Array:
-    """The kernel from per-sample features built once per sample (``features_fn`` over tiles of
-    ``feature_tile`` samples) and contracted tile by tile (``contract_fn(F₁, F₂) -> (b₁, b₂, O, O)``)."""
+                       feature_tile: int, tiles: tuple[int, int]) -> Any:
+    """The kernels from per-sample features built once per sample (``features_fn`` over tiles of
+    ``feature_tile`` samples) and contracted tile by tile (``contract_fn(F₁, F₂)``: ``(b₁, b₂, …)`` blocks, as for
+    :func:`tiled_kernel`)."""
     f1 = tiled_per_sample(features_fn, x1, feature_tile)
     f2 = None if x2 is None else tiled_per_sample(features_fn, x2, feature_tile)
     return tiled_kernel(lambda a, b: contract_fn(a, a if b is None else b), f1, f2, tiles)

@@ -16,20 +16,26 @@ from ntkcv.sinks.base import Sink, check_step
 
 #: Charts on the "ntkcv" custom-scalars page: chart title -> regexes of the scalar tags it overlays.
 DEFAULT_LAYOUT: Mapping[str, Sequence[str]] = {
-    "entropy": ["^cv/entropy$", "^cv/effective_entropy$"],
-    "trace": ["^cv/trace$"],
-    "loss": ["^train/loss$"],
+    "entropy (train and test probes)": ["^cv/([^/]+/)?entropy$", "^cv/([^/]+/)?effective_entropy$"],
+    "trace": ["^cv/([^/]+/)?trace$"],
+    "drift from the first kernel": ["^cv/([^/]+/)?relative_distance$", "^cv/([^/]+/)?cosine_distance$"],
+    "kernel velocity": ["^cv/([^/]+/)?kernel_velocity$"],
+    "loss": ["^train/loss$", "^train/test_loss$"],
 }
+#: Arrays whose last name part is one of these are histograms of their log10 (positive entries only): on a linear
+#: scale an NTK spectrum is one spike at zero beside the top eigenvalue.
+LOG_SCALE_ARRAYS = ("spectrum",)
 
 
 class TensorBoardSink(Sink):
     """Writes TensorBoard event files into one run directory.
 
-    Scalars go under the names given; each array becomes a histogram (the eigenvalue spectrum as the
-    distribution of its eigenvalues; non-finite entries are left out, an array with none finite is
-    dropped). Hyper-parameters are written into the same run directory (tensorboardX's ``add_hparams``
-    would make a sub-run); their ``metrics`` are also written as scalars at the latest step seen, so the
-    HParams dashboard can show them. Nothing is dropped otherwise.
+    Scalars go under the names given; each array becomes a histogram (non-finite entries are left out, an
+    array with none finite is dropped). A spectrum (an array named ``…spectrum``) becomes the histogram
+    ``…spectrum_log10`` of the log10 of its positive eigenvalues; the HDF5 store keeps the raw values.
+    Hyper-parameters are written into the same run directory (tensorboardX's ``add_hparams`` would make a
+    sub-run); their ``metrics`` are also written as scalars at the latest step seen, so the HParams dashboard
+    can show them. Nothing is dropped otherwise.
 
     tensorboardX writes the event file from a thread of its own. If that fails (a full disk), the sink keeps the
     error and raises it as an ``OSError`` naming the run directory and the cause from every later write and
@@ -100,6 +106,9 @@ class TensorBoardSink(Sink):
         step = self._see(step)
         for name, array in arrays.items():
             values = np.asarray(array, dtype=np.float64).ravel()
+            if name.rsplit("/", 1)[-1] in LOG_SCALE_ARRAYS:
+                values = np.log10(values[values > 0])
+                name = f"{name}_log10"
             values = values[np.isfinite(values)]
             if values.size:
                 self.writer.add_histogram(name, values, step, bins=self.bins)

@@ -45,7 +45,7 @@ class FullDiskSink:
 
 
 def _blas_threads_now():
-    from ntkcv.monitor import _blas_libraries
+    from ntkcv.recorder import _blas_libraries
 
     return [library["num_threads"] for library in _blas_libraries().info() if library["user_api"] == "blas"]
 
@@ -160,6 +160,8 @@ def test_optax_transform_records_the_scheduled_steps_from_inside_jit():
         history.append(params)
         params, state = train_step(params, state)
     jax.effects_barrier()
+    assert not sink.scalars  # the callback only handed the parameters over: no sink is written inside jit
+    monitor.flush()
     assert [s for s, _ in sink.scalars["cv/entropy"]] == [0, 3, 4, 6]
     for step, value in sink.scalars["cv/entropy"]:
         expected = collective_variables(ntkcv.ntk_fn(apply_fn)(history[step], x), ["entropy"])["entropy"]
@@ -214,11 +216,11 @@ def test_asynchronous_monitor_does_not_wait_and_bounds_pending_firings(monkeypat
     monitor = ntkcv.NTKMonitor(apply_fn, x, schedule=ntkcv.Schedule(every_steps=1), cvs=("trace",), sinks=[sink],
                                asynchronous=True, max_pending=2)
     release = threading.Event()
-    measure = monitor._measure
-    monkeypatch.setattr(monitor, "_measure", lambda p, x: (release.wait(), measure(p, x))[1])
+    fire = monitor._fire
+    monkeypatch.setattr(monitor, "_fire", lambda *args: (release.wait(), fire(*args))[1])
     monitor(0, params)
     monitor(1, params)  # two firings pending, neither finished: the loop goes on
-    assert "cv/trace" not in sink.scalars and len(monitor._pending) == 2
+    assert "cv/trace" not in sink.scalars and len(monitor._recorder._pending) == 2
     threading.Timer(0.2, release.set).start()
     monitor(2, params)  # a third waits for the oldest
     monitor.flush()
@@ -243,7 +245,7 @@ def test_asynchronous_monitor_compiles_from_construction_and_checks_probes_there
     apply_fn, params, x = _model()
     model = ntkcv.from_function(apply_fn, params)
     monitor = ntkcv.NTKMonitor(model, x, cvs=("trace",), asynchronous=True)
-    monitor._worker.submit(lambda: None).result()  # the warm-up ran first
+    monitor._recorder._worker.submit(lambda: None).result()  # the warm-up ran first
     assert monitor.trace_count == 1
     monitor(0, params)
     monitor.close()
@@ -261,7 +263,7 @@ def test_asynchronous_warm_up_compiles_the_program_without_running_it():
         return apply_fn(p, x)
 
     monitor = ntkcv.NTKMonitor(ntkcv.from_function(counted_apply_fn, params), x, cvs=("trace",), asynchronous=True)
-    monitor._worker.submit(lambda: None).result()  # the warm-up ran first
+    monitor._recorder._worker.submit(lambda: None).result()  # the warm-up ran first
     assert monitor.trace_count == 1 and runs == []
     monitor(0, params)
     monitor.close()
@@ -269,29 +271,31 @@ def test_asynchronous_warm_up_compiles_the_program_without_running_it():
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_blas_threads_are_limited_while_the_monitor_is_open_and_restored_at_close(asynchronous):
-    from ntkcv.monitor import _blas_libraries
-
+def test_blas_threads_are_limited_while_a_firing_runs_and_left_as_they_were_otherwise(asynchronous):
     apply_fn, params, x = _model()
-    libraries = _blas_libraries()
-    assert _blas_threads_now(), "no BLAS library found in this process"
-    seen = {}
-    with libraries.limit(limits=2, user_api="blas"):  # the libraries' own setting, also on a 1-core machine
-        for blas_threads in (1, None):
-            monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("entropy",), blas_threads=blas_threads,
-                                       asynchronous=asynchronous)
-            program = monitor._program
+    before = _blas_threads_now()
+    assert before, "no BLAS library found in this process"
+    if min(before) < 2:
+        pytest.skip("one BLAS thread already: a limit to one cannot be seen")
+    seen, between = {}, []
+    for blas_threads in (1, None):
+        monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("entropy",), blas_threads=blas_threads,
+                                   asynchronous=asynchronous, schedule=ntkcv.Schedule(every_steps=2))
+        fire = monitor._fire
 
-            def recording(params, x, program=program, blas_threads=blas_threads):
-                seen[blas_threads] = _blas_threads_now()
-                return program(params, x)
+        def recording(*args, fire=fire, blas_threads=blas_threads):
+            seen.setdefault(blas_threads, []).append(_blas_threads_now())
+            return fire(*args)
 
-            monitor._program = recording
-            monitor(0, params)
-            monitor.close()
-        after = _blas_threads_now()
-    assert seen[1] == [1] * len(after)  # while the firing computed (in the monitor's thread when asynchronous)
-    assert seen[None] == after == [2] * len(after)
+        monitor._fire = recording
+        for step in range(3):
+            monitor(step, params)
+            monitor.flush()
+            between.append(_blas_threads_now())  # no limit left behind by a firing
+        monitor.close()
+    assert seen[1] == [[1] * len(before)] * 2  # while a firing computed (in the monitor's thread when asynchronous)
+    assert seen[None] == [before] * 2
+    assert between == [before] * 6 and _blas_threads_now() == before
     with pytest.raises(ValueError, match="blas_threads must be at least 1 or None"):
         ntkcv.NTKMonitor(apply_fn, x, blas_threads=0)
 
@@ -325,7 +329,7 @@ def test_a_single_cv_name_may_be_a_string():
 
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_a_failing_sink_keeps_neither_the_others_from_their_data_nor_close_from_finishing(asynchronous):
-    from ntkcv.monitor import _blas_libraries
+    from ntkcv.recorder import _blas_libraries
 
     apply_fn, params, x = _model()
     failing, fine = FullDiskSink(), RecordingSink()
@@ -347,7 +351,7 @@ def test_a_failing_sink_keeps_neither_the_others_from_their_data_nor_close_from_
     assert monitor.latest["train/loss"] == 0.5
     if asynchronous:
         with pytest.raises(RuntimeError, match="after shutdown"):  # the background thread was stopped
-            monitor._worker.submit(print)
+            monitor._recorder._worker.submit(print)
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -371,21 +375,21 @@ def test_an_error_in_an_asynchronous_firing_reaches_the_caller_after_the_other_d
     sink = RecordingSink()
     monitor = ntkcv.NTKMonitor(apply_fn, x, cvs=("trace",), schedule=ntkcv.Schedule(every_steps=1), sinks=[sink],
                                asynchronous=True, max_pending=3)
-    measure, firings, release = monitor._measure, [], threading.Event()
+    fire, firings, release = monitor._fire, [], threading.Event()
 
-    def failing_at_steps_1_and_5(params, x):
+    def failing_at_steps_1_and_5(*args):
         step = len(firings)
         firings.append(step)
         if step == 5:
             release.wait()  # still running when close() is called
         if step in (1, 5):
             raise RuntimeError(f"the firing of step {step} failed")
-        return measure(params, x)
+        return fire(*args)
 
-    monkeypatch.setattr(monitor, "_measure", failing_at_steps_1_and_5)
+    monkeypatch.setattr(monitor, "_fire", failing_at_steps_1_and_5)
     for step in range(3):
         monitor(step, params, loss=float(step))
-    monitor._worker.submit(lambda: None).result()  # every firing so far has finished
+    monitor._recorder._worker.submit(lambda: None).result()  # every firing so far has finished
     with pytest.raises(RuntimeError, match="step 1 failed"):  # at the next call
         monitor(3, params, loss=3.0)
     assert [s for s, _ in sink.scalars["train/loss"]] == [0, 1, 2, 3]  # this call's scalars were written

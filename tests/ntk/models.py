@@ -111,17 +111,20 @@ def make_case(name: str, dtype=jnp.float32):
 CASES = ["mlp_tanh", "mlp_relu", "cnn", "layernorm", "sequence", "shared", "batchnorm", "nnx"]
 
 
-def dense_jacobian(apply_fn, params, x) -> np.ndarray:
-    """``(N, *out, P)`` by ``jax.jacrev`` of the whole batch, in float64 numpy."""
+def dense_jacobian(apply_fn, params, x, keep=None) -> np.ndarray:
+    """``(N, *out, P)`` by ``jax.jacrev`` of the whole batch, in float64 numpy; ``keep(key_path)``: only the
+    leaves it accepts (the Jacobian restricted to a group of parameters)."""
     jac = jax.jacrev(apply_fn)(params, x)
     out_ndim = jax.eval_shape(apply_fn, params, x).ndim
-    leaves = [np.asarray(j, np.float64).reshape(j.shape[:out_ndim] + (-1,)) for j in jax.tree_util.tree_leaves(jac)]
+    leaves = [np.asarray(j, np.float64).reshape(j.shape[:out_ndim] + (-1,))
+              for path, j in jax.tree_util.tree_leaves_with_path(jac) if keep is None or keep(path)]
     return np.concatenate(leaves, axis=-1)
 
 
-def reference_kernel(apply_fn, params, x1, x2, trace_axes) -> np.ndarray:
-    """Θ from dense Jacobians: traced axes summed, kept axes in zipped order ``(N1, N2, k, k, …)``."""
-    j1, j2 = dense_jacobian(apply_fn, params, x1), dense_jacobian(apply_fn, params, x2)
+def reference_kernel(apply_fn, params, x1, x2, trace_axes, keep=None) -> np.ndarray:
+    """Θ from dense Jacobians: traced axes summed, kept axes in zipped order ``(N1, N2, k, k, …)``; ``keep``: as for
+    :func:`dense_jacobian` (the kernel of those leaves only)."""
+    j1, j2 = dense_jacobian(apply_fn, params, x1, keep), dense_jacobian(apply_fn, params, x2, keep)
     out_ndim = j1.ndim - 1
     traced = {a % out_ndim for a in trace_axes}
     letters = "cdefghijkl"
@@ -140,3 +143,18 @@ def reference_kernel(apply_fn, params, x1, x2, trace_axes) -> np.ndarray:
 def relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def budget_for_tile(model, x, trace_axes, implementation, tile, groups=None) -> int:
+    """The memory budget at which ``ntk_fn`` plans ``tile × tile`` tiles (with ``groups``: of the group kernels)."""
+    from ntkcv.ntk.groups import partition
+    from ntkcv.ntk.kernel import Implementation, _Costs
+    from ntkcv.ntk.layout import canonical_fn, output_layout
+    from ntkcv.ntk.profile import profile_model
+    from ntkcv.ntk.validate import check_params
+
+    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
+    f = canonical_fn(model.apply_fn, layout)
+    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
+    leaf_groups = None if groups is None else partition(model.params, groups).leaf_groups
+    return _Costs(f, model.params, x, profile, leaf_groups).tile_bytes[Implementation(implementation)](tile, tile)

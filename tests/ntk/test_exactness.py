@@ -9,7 +9,7 @@ import pytest
 
 import ntkcv
 from ntkcv.ntk.tiling import tiled_split_kernel
-from tests.ntk.models import CASES, make_case, reference_kernel, relative_error
+from tests.ntk.models import CASES, budget_for_tile, make_case, reference_kernel, relative_error
 
 IMPLEMENTATIONS = ["jacobian", "ntvp", "structured", "auto"]
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
@@ -39,22 +39,10 @@ def test_tiles_with_sizes_that_do_not_divide_n(implementation, trace_axes, dtype
     whole = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation)
     # a budget that fits a 3 x 3 tile of this model but not 4 x 4 (the plan picks the largest square tile)
     kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation,
-                             memory_budget=_budget_for_tile(model, x1, trace_axes, implementation, 3))
+                             memory_budget=budget_for_tile(model, x1, trace_axes, implementation, 3))
     expected = reference_kernel(model.apply_fn, model.params, x1, x2, trace_axes)
     assert relative_error(kernel_fn(model.params, x1, x2), expected) <= TOLERANCE[np.dtype(dtype).name]
     np.testing.assert_allclose(kernel_fn(model.params, x1), whole(model.params, x1), rtol=1e-5, atol=1e-6)
-
-
-def _budget_for_tile(model, x, trace_axes, implementation, tile):
-    from ntkcv.ntk.kernel import Implementation, _Costs
-    from ntkcv.ntk.layout import canonical_fn, output_layout
-    from ntkcv.ntk.profile import profile_model
-    from ntkcv.ntk.validate import check_params
-
-    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
-    f = canonical_fn(model.apply_fn, layout)
-    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
-    return _Costs(f, model.params, x, profile).tile_bytes[Implementation(implementation)](tile, tile)
 
 
 @pytest.mark.parametrize("case", ["mlp_tanh", "cnn", "sequence", "nnx"])
@@ -86,7 +74,7 @@ def test_structured_builds_each_sample_once_when_tiled(trace_axes, dtype, caplog
     model, _, _ = make_case("cnn", dtype)
     x1 = jax.random.normal(jax.random.key(1), (11, 8, 8, 2), dtype)
     x2 = jax.random.normal(jax.random.key(2), (7, 8, 8, 2), dtype)
-    budget = _budget_for_tile(model, x1, trace_axes, "structured", 4)
+    budget = budget_for_tile(model, x1, trace_axes, "structured", 4)
     kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="structured", memory_budget=budget)
     with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
         cross, same = kernel_fn(model.params, x1, x2), kernel_fn(model.params, x1)

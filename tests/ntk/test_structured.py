@@ -36,8 +36,8 @@ def _tiles(model, trace_axes, x1, x2):
 
     @jax.jit
     def tiles(params, a, b):
-        kernel = lambda b: layout.unflatten_kernel(structured.kernel_tile(f, params, a, b))  # noqa: E731
-        return kernel(None), kernel(b), layout.unflatten_diagonal(structured.diagonal_tile(f, params, a))
+        kernel = lambda b: layout.unflatten_kernel(*structured.kernel_tile(f, params, a, b))  # noqa: E731
+        return kernel(None), kernel(b), layout.unflatten_diagonal(*structured.diagonal_tile(f, params, a))
 
     return tiles(model.params, x1, x2)
 

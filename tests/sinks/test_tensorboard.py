@@ -14,6 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboardX.record_writer import RecordWriter
 
 from ntkcv.sinks import TensorBoardSink
+from ntkcv.sinks.tensorboard import DEFAULT_LAYOUT
 
 
 def read(logdir):
@@ -27,22 +28,25 @@ def scalars(acc, tag):
 
 
 def test_scalars_and_histograms_round_trip(tmp_path):
-    spectrum = np.array([1e-3, 0.5, 2.0, 40.0])
+    spectrum = np.array([1e-3, 0.5, 2.0, 40.0, -1e-9])  # a rounding-error negative eigenvalue
     with TensorBoardSink(tmp_path) as sink:
         for step in range(5):
             sink.write_scalars(step, {"cv/entropy": 0.5 * step, "train/loss": np.float32(1 / (step + 1))})
-        sink.write_arrays(4, {"cv/spectrum": spectrum, "cv/empty": np.array([np.nan])})
+        sink.write_arrays(4, {"cv/spectrum": spectrum, "cv/empty": np.array([np.nan]),
+                              "cv/kernel": np.array([[1.0, -1.0], [2.0, 0.0]])})
     acc = read(tmp_path)
     assert {"cv/entropy", "train/loss"} <= set(acc.Tags()["scalars"])
     assert scalars(acc, "cv/entropy") == [(s, 0.5 * s) for s in range(5)]
     assert [s for s, _ in scalars(acc, "train/loss")] == list(range(5))
     np.testing.assert_allclose([v for _, v in scalars(acc, "train/loss")], [1 / (s + 1) for s in range(5)], rtol=1e-6)
-    assert acc.Tags()["histograms"] == ["cv/spectrum"]  # the all-NaN array is dropped
-    (event,) = acc.Histograms("cv/spectrum")
+    assert sorted(acc.Tags()["histograms"]) == ["cv/kernel", "cv/spectrum_log10"]  # the all-NaN array is dropped
+    (event,) = acc.Histograms("cv/spectrum_log10")  # a spectrum's histogram is of its log10 (positive entries)
     assert event.step == 4
     hist = event.histogram_value
-    assert (hist.num, hist.min, hist.max) == (4, 1e-3, 40.0)
-    assert hist.sum == pytest.approx(spectrum.sum())
+    assert (hist.num, hist.min, hist.max) == (4, pytest.approx(-3), pytest.approx(np.log10(40.0)))
+    assert hist.sum == pytest.approx(np.log10(spectrum[spectrum > 0]).sum())
+    (event,) = acc.Histograms("cv/kernel")  # other arrays as they are
+    assert (event.histogram_value.num, event.histogram_value.min, event.histogram_value.max) == (4, -1.0, 2.0)
 
 
 def test_hparams_land_in_the_same_run_directory(tmp_path):
@@ -73,8 +77,14 @@ def test_custom_scalars_layout(tmp_path):
     (category,) = layout.category
     assert category.title == "ntkcv"
     charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
-    assert charts == {"entropy": ["^cv/entropy$", "^cv/effective_entropy$"], "trace": ["^cv/trace$"],
-                      "loss": ["^train/loss$"]}
+    assert charts == {name: list(tags) for name, tags in DEFAULT_LAYOUT.items()}
+    tags = ["cv/entropy", "cv/train/entropy", "cv/test/entropy", "cv/train/layer/Dense_0/entropy",
+            "cv/test/relative_distance", "cv/kernel_velocity"]
+    matched = {title: [tag for tag in tags if any(re.search(pattern, tag) for pattern in patterns)]
+               for title, patterns in charts.items()}
+    assert matched["entropy (train and test probes)"] == ["cv/entropy", "cv/train/entropy", "cv/test/entropy"]
+    assert matched["drift from the first kernel"] == ["cv/test/relative_distance"]
+    assert matched["kernel velocity"] == ["cv/kernel_velocity"]
 
 
 def test_no_layout(tmp_path):
