@@ -188,9 +188,10 @@ def make_measurement(
                                                    warn=False, groups=groups)
 
     def init(params: Any, probe_sets: ProbeSets) -> State:
-        def zeros(probe):
-            matrix = jax.eval_shape(lambda p, x: as_matrix(kernel_fn(p, x), warn=False), params, probe["inputs"])
-            return jnp.zeros(matrix.shape, matrix.dtype)
+        def zeros(probe):  # Θ's matrix shape from the model's output shape alone (tracing the NTK costs far more)
+            x = probe["inputs"]
+            n = x.shape[0] * output_layout(apply_fn, params, x, trace_axes).kept_size
+            return jnp.zeros((n, n), jax.eval_shape(apply_fn, params, x).dtype)
 
         return {"reference": {name: zeros(p) for name, p in probe_sets.items()} if drift else {},
                 "previous": {name: zeros(p) for name, p in probe_sets.items()} if velocity else {},

@@ -242,7 +242,9 @@ class NTKMonitor:
         if self._reference is not None:
             references = self._reference if isinstance(self._reference, Mapping) else {"": self._reference}
             state = with_reference(state, references)
-        return state
+        # committed to the device, as the program's outputs are, which later firings pass back: the program is
+        # compiled once, not once more at the second firing
+        return jax.device_put(state, jax.devices()[0])
 
     def _program(self, params: Any, probe_sets: ProbeSets) -> jax.stages.Wrapped:
         """The measurement for these shapes: made once per signature; when JAX's persistent compilation cache

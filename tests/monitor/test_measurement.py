@@ -218,3 +218,34 @@ def test_per_layer_kernels_split_the_trace_as_the_layers_jacobians_do():
             expected = sum(float(jnp.sum(leaf**2)) for leaf in jax.tree_util.tree_leaves(jacobian[layer]))
             assert values[f"cv/layer/{layer}/trace"] == pytest.approx(expected, rel=1e-5)
             assert values[f"cv/layer/{layer}/trace_share"] == pytest.approx(expected / values["cv/trace"], rel=1e-5)
+
+
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_program_is_compiled_once_although_later_firings_pass_back_its_state(tmp_path, asynchronous, stored):
+    from tests.test_program_store import jax_cache_dir
+
+    apply_fn, params, x = _model()
+    with jax_cache_dir(str(tmp_path) if stored else ""):  # the stored (exported) program and the traced one
+        _fire_four_times_counting_compiles(ntkcv.NTKMonitor(
+            ntkcv.from_function(apply_fn, params), x, cvs=("entropy", "kernel_velocity"),
+            schedule=ntkcv.Schedule(every_steps=1), asynchronous=asynchronous), params)
+
+
+def _fire_four_times_counting_compiles(monitor, params):
+    monitor(0, params)
+    monitor.flush()
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for step in range(1, 4):
+            monitor(step, params)
+        monitor.close()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []  # the initial state is committed to the device like the state the program returns
