@@ -2,9 +2,10 @@
 
 import importlib.metadata
 
-from ntkcv import cv
+from ntkcv import curvature, cv, infinite, predict
 from ntkcv import layers as _layers  # noqa: F401  registers Flax layer recognition for the structured NTK
 from ntkcv.cv import collective_variables
+from ntkcv.infinite import infinite_width_nngp, infinite_width_ntk
 from ntkcv.measurement import Context, Measurement, make_measurement
 from ntkcv.models import Model, from_function, from_linen, from_nnx
 from ntkcv.monitor import NTKMonitor
@@ -24,13 +25,18 @@ __all__ = [
     "Recorder",
     "Schedule",
     "collective_variables",
+    "curvature",
     "cv",
     "flatten_kernel",
     "from_function",
     "from_linen",
     "from_nnx",
+    "infinite",
+    "infinite_width_nngp",
+    "infinite_width_ntk",
     "make_measurement",
     "ntk_fn",
     "ntk_operator",
     "parameter_groups",
+    "predict",
 ]

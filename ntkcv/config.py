@@ -67,7 +67,7 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int | Literal["full"] = 64  # "full": every step on the whole training set (full-batch gradient descent)
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     seed: int = 0
     eval_every: int = 100
@@ -94,6 +94,14 @@ class MonitorConfig:
     spectrum: bool = True
     asynchronous: bool = True  # compute CVs in a background thread; the loop never waits (false: in the loop)
     blas_threads: int | None = 1  # BLAS/LAPACK threads while the monitor computes (null: the library's setting)
+    # the loss's sharpness on the step's training batch: curvature/hessian_max, ggn_max, their traces, two_over_lr
+    curvature: bool = False
+    # the network against its linearisation at initialisation (optimizer sgd, loss mse, data.probe_set train):
+    # linearised/gap on the test probes and linearised/kernel_regression_accuracy (or _loss) of the current kernel
+    linearised: bool = False
+    # the distance of each probe set's kernel from the infinite-width NTK (mlp of equal widths), as
+    # cv/[<set>/]infinite_width/relative_distance and .../cosine_distance
+    infinite_width: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +155,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: dict[str, Any
     _check_model(config)
     _check_monitor(config)
     _check_output(config)
-    if config.train.batch_size > examples:
+    if config.train.batch_size != "full" and config.train.batch_size > examples:
         warnings.warn(f"train.batch_size {config.train.batch_size} is larger than the {examples} training "
                       f"examples: every step trains on all {examples}", ConfigWarning, stacklevel=2)
     return config
@@ -207,7 +215,7 @@ def _check_ranges(config: RunConfig) -> None:
         optional = type(None) in typing.get_args(typing.get_type_hints(type(getattr(config, section)))[key])
         entries = enumerate(value) if isinstance(value, tuple) else [(None, value)]
         for i, entry in entries:
-            if entry is not None and not test(entry):
+            if entry is not None and not isinstance(entry, str) and not test(entry):
                 where = dotted if i is None else f"{dotted}[{i}]"
                 raise ConfigError(f"{where} {constraint}{' or null' if optional else ''}, got {entry!r}")
 
@@ -283,6 +291,22 @@ def _check_monitor(config: RunConfig) -> None:
         raise ConfigError(f"monitor.cross needs monitor.probe_sets [train, test]; got {list(monitor.probe_sets)}")
     if monitor.cross and tuple(monitor.trace_axes) == ():
         raise ConfigError("monitor.cross needs a traced kernel: monitor.trace_axes [-1], not []")
+    if monitor.linearised:
+        if set(monitor.probe_sets) != {"train", "test"} or data.probe_set != "train":
+            raise ConfigError("monitor.linearised needs monitor.probe_sets [train, test] and data.probe_set 'train' "
+                              "(the linearised model is trained on the training set the kernel is measured on)")
+        if config.optimizer.name != "sgd" or config.train.loss != "mse":
+            raise ConfigError(f"monitor.linearised needs optimizer.name 'sgd' and train.loss 'mse' (the linearised "
+                              f"model follows gradient descent on the MSE loss); got {config.optimizer.name!r} and "
+                              f"{config.train.loss!r}")
+    if monitor.infinite_width:
+        model = config.model
+        if model.kind != "mlp" or len(set(model.widths)) != 1:
+            raise ConfigError(f"monitor.infinite_width needs model.kind 'mlp' with equal model.widths (the "
+                              f"infinite-width limit of one width); got {model.kind!r} with widths "
+                              f"{list(model.widths)}")
+        if tuple(monitor.trace_axes) == ():
+            raise ConfigError("monitor.infinite_width needs the output-traced kernel: monitor.trace_axes [-1], not []")
     try:
         make_layout((1, 1), monitor.trace_axes)  # checked as ntk_fn checks it on the models' (N, C) outputs
     except ValueError:
@@ -334,13 +358,16 @@ def _value(hint: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:  # X | None: X's own error
+            return _value(alternatives[0], value, where)
         reasons = []
-        for alternative in (a for a in args if a is not type(None)):
+        for alternative in alternatives:
             try:
                 return _value(alternative, value, where)
-            except ConfigError as error:
-                reasons.append(str(error).removeprefix(f"{where} "))
-        raise ConfigError(f"{where} {' or '.join(reasons)}")
+            except ConfigError as error:  # "must be …, got X": the constraint, and the value once at the end
+                reasons.append(re.split(r"[,;] got ", str(error).removeprefix(f"{where} "))[0])
+        raise ConfigError(f"{where} {' or '.join(reasons)}; got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")

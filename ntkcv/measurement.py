@@ -73,6 +73,7 @@ class Context(NamedTuple):
       params: the parameters.
       reference: the drift reference kernel when drift is measured (``cvs`` holds a drift CV), else None.
       previous: the previous firing's kernel when ``kernel_velocity`` is measured, else None.
+      inputs: the set's inputs.
     """
 
     kernel: jax.Array
@@ -82,14 +83,18 @@ class Context(NamedTuple):
     params: Any
     reference: jax.Array | None
     previous: jax.Array | None
+    inputs: jax.Array
 
 
 class Measurement(NamedTuple):
     """``init(params, probe_sets) -> state`` and ``apply(params, probe_sets, state, step) -> (scalars, arrays,
-    state)``; see the module docstring."""
+    state)``; see the module docstring. ``needs``: the probe sets it reads, by name, when it needs particular ones
+    (``"batch"``: the training batch of the step, which :class:`ntkcv.NTKMonitor` passes when called with
+    ``batch=(inputs, targets)``)."""
 
     init: Callable[[Any, ProbeSets], State]
     apply: Callable[[Any, ProbeSets, State, jax.Array], tuple[dict[str, jax.Array], dict[str, jax.Array], State]]
+    needs: frozenset[str] = frozenset()
 
 
 def prefer_matrix_free(apply_fn: Callable, params: Any, x: jax.Array, *, trace_axes: Sequence[int],
@@ -223,7 +228,7 @@ def make_measurement(
         if layer_kernels is not None:
             scalars.update(_layer_values(layer_kernels, layer_cvs, jnp.trace(matrix), labels, num_classes, prefix))
         if functions:
-            context = Context(matrix, eigenvalues, labels, apply_fn(params, x), params, reference, previous)
+            context = Context(matrix, eigenvalues, labels, apply_fn(params, x), params, reference, previous, x)
             for function in functions:
                 _add_user_values(function, function(context), prefix, scalars, arrays)
 
@@ -260,6 +265,36 @@ def make_measurement(
         return scalars, arrays, new_state
 
     return Measurement(init, apply)
+
+
+def combine(measurements: Mapping[str, Measurement]) -> Measurement:
+    """Measurements side by side, each under its own name, as one :class:`Measurement` (as ``optax.chain`` makes one
+    transformation of several).
+
+    ``init(params, inputs)`` and ``apply(params, inputs, state, step)`` take ``inputs``, a mapping of each
+    measurement's name to its probe sets, and a state that maps each name to that measurement's state; the results
+    of measurement ``name`` are written as ``<name>/<result>``.
+
+    Example::
+
+        measurement = combine({"cv": make_measurement(apply_fn), "curvature": curvature_measurement(apply_fn)})
+    """
+    bad = [name for name in measurements if not name or "/" in name]
+    if bad:
+        raise ValueError(f"measurement names must be non-empty and without '/', got {bad}")
+
+    def init(params: Any, inputs: Mapping[str, ProbeSets]) -> State:
+        return {name: measurement.init(params, inputs[name]) for name, measurement in measurements.items()}
+
+    def apply(params: Any, inputs: Mapping[str, ProbeSets], state: State, step: jax.Array):
+        scalars, arrays, new_state = {}, {}, {}
+        for name, measurement in measurements.items():
+            own_scalars, own_arrays, new_state[name] = measurement.apply(params, inputs[name], state[name], step)
+            scalars.update({f"{name}/{key}": value for key, value in own_scalars.items()})
+            arrays.update({f"{name}/{key}": value for key, value in own_arrays.items()})
+        return scalars, arrays, new_state
+
+    return Measurement(init, apply, frozenset().union(*(m.needs for m in measurements.values())))
 
 
 def with_reference(state: State, references: Mapping[str, jax.Array]) -> State:

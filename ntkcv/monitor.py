@@ -32,10 +32,12 @@ from ntkcv.cv import weight_spectra
 from ntkcv.measurement import (
     DRIFT,
     VELOCITY,
+    Measurement,
     ProbeSets,
     State,
     UserMeasurement,
     check_labels,
+    combine,
     make_measurement,
     prefer_matrix_free,
     split_cvs,
@@ -87,6 +89,10 @@ class NTKMonitor:
       weight_metrics: also write the data-free weight-spectrum summary (``weights/<metric>``, see
         :func:`ntkcv.cv.weight_spectra`); ``"layers"``: also each layer's metrics (``weights/<layer>/<metric>``).
       trace_axes, implementation: passed to :func:`ntkcv.ntk_fn`.
+      measurements: more measurements by name (:class:`ntkcv.measurement.Measurement`, e.g.
+        :func:`ntkcv.curvature.curvature_measurement`), written as ``<name>/<result>`` and run in the same program as
+        the CVs. Each receives the named probe sets (the single unnamed one as ``""``) and, when the call passes
+        ``batch=(inputs, targets)``, the training batch as the set ``"batch"``.
       sinks, blas_threads, asynchronous, max_pending: the :class:`~ntkcv.recorder.Recorder`'s. ``sinks`` is kept
         in the list :attr:`sinks` (a sink appended later receives what is written from then on); ``blas_threads``
         limits the BLAS/LAPACK threads while a firing runs, and leaves them as they were otherwise;
@@ -133,6 +139,7 @@ class NTKMonitor:
         blas_threads: int | None = 1,
         asynchronous: bool = False,
         max_pending: int = 2,
+        measurements: Mapping[str, Measurement] | None = None,
     ):
         self.apply_fn = model.apply_fn if isinstance(model, Model) else model
         if not callable(self.apply_fn):
@@ -150,10 +157,21 @@ class NTKMonitor:
         if weight_metrics not in (True, False, "layers"):
             raise ValueError(f"weight_metrics must be True, False or 'layers', got {weight_metrics!r}")
         self.weight_metrics = weight_metrics
-        self._measurement = make_measurement(
-            self.apply_fn, cvs=self.cvs, trace_axes=trace_axes, implementation=implementation,
-            log_spectrum=log_spectrum, num_classes=num_classes, groups=groups, layer_cvs=layer_cvs, cross=cross,
-            matrix_free=matrix_free, num_probes=num_probes, num_matvecs=num_matvecs, seed=seed)
+        self.measurements = dict(measurements or {})
+        if "cv" in self.measurements:
+            raise ValueError("measurements may not be named 'cv': the collective variables are written there")
+        if self.cvs:
+            self.measurements = {"cv": make_measurement(
+                self.apply_fn, cvs=self.cvs, trace_axes=trace_axes, implementation=implementation,
+                log_spectrum=log_spectrum, num_classes=num_classes, groups=groups, layer_cvs=layer_cvs, cross=cross,
+                matrix_free=matrix_free, num_probes=num_probes, num_matvecs=num_matvecs, seed=seed),
+                **self.measurements}
+        self._measurement = combine(self.measurements)
+        fixed = set() if isinstance(self.probes, str) else set(self.probes)
+        missing = sorted(self._measurement.needs - fixed - {"batch"})
+        if missing:
+            raise ValueError(f"measurements need the probe sets {missing}, which are not among the probes "
+                             f"{sorted(fixed)}")
         self._recorder = Recorder(sinks, asynchronous=asynchronous, max_pending=max_pending,
                                   blas_threads=blas_threads)
         self.trace_count = 0  # programs made for the measurement (traced or loaded from the store)
@@ -168,13 +186,14 @@ class NTKMonitor:
         # jitted by _program with the quick options: a first run compiles it beside the training step, on the same
         # cores (asynchronous: on one thread, leaving the loop the others)
         self._compile_options = quick_compile_options(background=asynchronous)
-        self._settings = None if functions else {
+        self._settings = None if functions or set(self.measurements) - {"cv"} else {
             "cvs": names, "matrix_free": matrix_free, "num_probes": num_probes, "num_matvecs": num_matvecs,
             "seed": seed, "log_spectrum": log_spectrum, "trace_axes": tuple(trace_axes),
             "implementation": str(implementation), "num_classes": num_classes, "groups": repr(groups),
             "layer_cvs": tuple(layer_cvs), "cross": cross}
-        if self.cvs and isinstance(model, Model) and not isinstance(self.probes, str):
-            probe_sets = self._probe_sets(model.params, None)  # checked before anything is started
+        if (self.measurements and isinstance(model, Model) and not isinstance(self.probes, str)
+                and "batch" not in self._measurement.needs):
+            probe_sets = self._inputs(model.params, None)  # checked before anything is started
             state = self._initial_state(model.params, probe_sets)
             # compiled in the background before the first firing (not run: a firing's work for nothing)
             self._recorder.prepare(lambda: self._program(model.params, probe_sets).lower(
@@ -208,15 +227,15 @@ class NTKMonitor:
         """The state before the first firing (fixed probes only): the template a saved :attr:`state` restores into."""
         if isinstance(self.probes, str):
             raise ValueError("probes='batch' has no fixed shape, so no state before its first firing")
-        return self._initial_state(params, self._probe_sets(params, None))
+        return self._initial_state(params, self._inputs(params, None))
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""
         step = int(step)
         values = {f"train/{name}": value for name, value in scalars.items()}
         arrays: dict[str, Any] = {}
-        if self.cvs and self.schedule(step):
-            probe_sets = self._probe_sets(params, batch)
+        if self.measurements and self.schedule(step):
+            probe_sets = self._inputs(params, batch)
             if self._recorder.asynchronous:
                 params = jax.device_put(params, may_alias=False)  # survives a train step that donates them
             measured = self._recorder.fire(step, functools.partial(self._fire, step, params, probe_sets))
@@ -225,33 +244,31 @@ class NTKMonitor:
                 arrays = measured[1]
         return self._recorder.record(step, values, arrays)
 
-    def _fire(self, step: int, params: Any, probe_sets: ProbeSets) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _fire(self, step: int, params: Any, probe_sets: dict[str, ProbeSets]) -> tuple[dict[str, Any], dict[str, Any]]:
         """One firing: the measurement of ``params`` (and the weight metrics), fetched to the host."""
         state = self._initial_state(params, probe_sets) if self._state is None else self._state
         scalars, arrays, self._state = self._program(params, probe_sets)(params, probe_sets, state, jnp.int32(step))
-        scalars = {f"cv/{name}": value for name, value in scalars.items()}
-        arrays = {f"cv/{name}": value for name, value in arrays.items()}
         if self.weight_metrics:
             spectra = weight_spectra(jax.device_get(params))
             per_layer = spectra.per_layer_scalars() if self.weight_metrics == "layers" else {}
             scalars.update({f"weights/{k}": v for k, v in {**spectra.summary, **per_layer}.items()})
         return jax.device_get((scalars, arrays))
 
-    def _initial_state(self, params: Any, probe_sets: ProbeSets) -> State:
-        state = self._measurement.init(params, probe_sets)
+    def _initial_state(self, params: Any, inputs: dict[str, ProbeSets]) -> State:
+        state = self._measurement.init(params, inputs)
         if self._reference is not None:
             references = self._reference if isinstance(self._reference, Mapping) else {"": self._reference}
-            state = with_reference(state, references)
+            state = {**state, "cv": with_reference(state["cv"], references)}
         # committed to the device, as the program's outputs are, which later firings pass back: the program is
         # compiled once, not once more at the second firing
         return jax.device_put(state, jax.devices()[0])
 
-    def _program(self, params: Any, probe_sets: ProbeSets) -> jax.stages.Wrapped:
+    def _program(self, params: Any, probe_sets: dict[str, ProbeSets]) -> jax.stages.Wrapped:
         """The measurement for these shapes: made once per signature; when JAX's persistent compilation cache
         is on, loaded from (or stored in) the program store beside it, so a rerun skips tracing."""
         signature = argument_signature((params, probe_sets))
         if signature not in self._programs:
-            first = next(iter(probe_sets.values()))["inputs"]
+            first = next(iter(probe_sets["cv"].values()))["inputs"] if "cv" in probe_sets else None
             args = (params, probe_sets, jax.eval_shape(self._measurement.init, params, probe_sets), jnp.int32(0))
 
             def measure(*call_args):
@@ -282,9 +299,9 @@ class NTKMonitor:
         import optax
         from jax.experimental import io_callback
 
-        if self.schedule.every_secs is not None or isinstance(self.probes, str):
-            raise ValueError("as_optax_transform needs a step-based schedule (every_steps, on_steps, log_spaced) "
-                             "and fixed probes")
+        if self.schedule.every_secs is not None or isinstance(self.probes, str) or "batch" in self._measurement.needs:
+            raise ValueError("as_optax_transform needs a step-based schedule (every_steps, on_steps, log_spaced), "
+                             "fixed probes and measurements without the training batch")
         every, steps = self.schedule.every_steps, jnp.asarray(sorted(self.schedule.steps), jnp.int32)
 
         def init(params):
@@ -293,7 +310,7 @@ class NTKMonitor:
 
         def record(step, params) -> None:  # hands the parameters over: no computing or writing inside the callback
             step = int(step)
-            self._recorder.hand_over(step, functools.partial(self._fire, step, params, self._probe_sets(params, None)))
+            self._recorder.hand_over(step, functools.partial(self._fire, step, params, self._inputs(params, None)))
 
         def update(updates, state, params=None):
             if params is None:
@@ -304,15 +321,31 @@ class NTKMonitor:
 
         return optax.GradientTransformation(init, update)
 
-    def _probe_sets(self, params: Any, batch: Any) -> ProbeSets:
-        """The probe sets of this call, each checked against the model once per shape."""
+    def _inputs(self, params: Any, batch: Any) -> dict[str, ProbeSets]:
+        """Each measurement's probe sets in this call (see ``measurements``), each set checked against the model once
+        per shape."""
+        batch_set = None
+        if batch is not None:
+            inputs, targets = batch if isinstance(batch, tuple) else (batch, None)
+            batch_set = {"inputs": jnp.asarray(inputs)} | ({} if targets is None else {"labels": jnp.asarray(targets)})
+            if targets is not None and batch_set["labels"].shape[:1] != batch_set["inputs"].shape[:1]:
+                raise ValueError(f"batch=(inputs, targets) needs one target per input: inputs of shape "
+                                 f"{batch_set['inputs'].shape}, targets of shape {batch_set['labels'].shape}")
         if isinstance(self.probes, str):
-            if batch is None:
+            if batch_set is None:
                 raise ValueError("probes='batch' needs the minibatch: call monitor(step, params, batch=x, ...)")
-            probe_sets = {"": {"inputs": jnp.asarray(batch)}}
+            probe_sets = {"": {"inputs": batch_set["inputs"]}}
         else:
             probe_sets = {name: {"inputs": x} | ({"labels": self.labels[name]} if name in self.labels else {})
                           for name, x in self.probes.items()}
+        if "batch" in self._measurement.needs and (batch_set is None or "labels" not in batch_set):
+            raise ValueError(f"the measurements {sorted(self.measurements)} need the training batch: call "
+                             "monitor(step, params, batch=(inputs, targets), ...)")
+        self._check_shapes(params, {**probe_sets, **({} if batch_set is None else {"batch": batch_set})})
+        extra = probe_sets if batch_set is None else {**probe_sets, "batch": batch_set}
+        return {name: probe_sets if name == "cv" else extra for name in self.measurements}
+
+    def _check_shapes(self, params: Any, probe_sets: ProbeSets) -> None:
         for name, probe in probe_sets.items():
             x = probe["inputs"]
             if (name, x.shape, x.dtype) not in self._checked_shapes:
@@ -323,7 +356,6 @@ class NTKMonitor:
                     raise ValueError(f"{where} of shape {x.shape} and dtype {x.dtype} do not fit the model: "
                                      f"{str(error).splitlines()[0]}") from error
                 self._checked_shapes.add((name, x.shape, x.dtype))
-        return probe_sets
 
     def flush(self) -> None:
         """Run and write pending firings, and flush every sink."""

@@ -31,8 +31,8 @@ from ntkcv.schedule import Schedule
 from ntkcv.zoo import make_model
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optimiser and learning-rate schedule named in the config."""
+def learning_rate(config: OptimizerConfig, total_steps: int) -> float | optax.Schedule:
+    """The learning rate named in the config: a number, or an optax schedule of the step."""
     lr = config.learning_rate
     schedules = {
         "constant": lambda: lr,
@@ -41,7 +41,12 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
             0.0, lr, min(config.warmup_steps, total_steps - 1), total_steps),
         "exponential": lambda: optax.exponential_decay(lr, total_steps, config.decay_rate),
     }
-    rate = schedules[config.schedule]()
+    return schedules[config.schedule]()
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optimiser and learning-rate schedule named in the config."""
+    rate = learning_rate(config, total_steps)
     optimizers = {
         "sgd": lambda: optax.sgd(rate),
         "momentum": lambda: optax.sgd(rate, momentum=config.momentum),
@@ -143,10 +148,14 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
         lock.release()
 
 
+def num_outputs(data: Dataset) -> int:
+    """The model's outputs for ``data``: one per class, or per regression target."""
+    return data.num_classes if data.task == "classification" else data.y_train.shape[-1]
+
+
 def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume: bool, console: Any
               ) -> dict[str, Any]:
-    num_outputs = data.num_classes if data.task == "classification" else data.y_train.shape[-1]
-    module = make_model(config.model.kind, num_outputs=num_outputs, **_model_options(config))
+    module = make_model(config.model.kind, num_outputs=num_outputs(data), **_model_options(config))
     key = jax.random.key(config.train.seed)
     # jitted: one compilation (kept by the persistent cache) instead of one per initialiser op, eagerly
     params = jax.jit(module.init)(key, jnp.asarray(data.x_train[:1]))["params"]
@@ -204,13 +213,16 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
             started = time.perf_counter()
             test_metrics: dict[str, float] = {}
             for step in range(start, config.train.steps):
-                batch = _batch_indices(step, x_train.shape[0], config.train.batch_size, config.train.seed)
-                new_params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
+                x, y = x_train, y_train  # train.batch_size "full"
+                if config.train.batch_size != "full":
+                    batch = _batch_indices(step, x_train.shape[0], config.train.batch_size, config.train.seed)
+                    x, y = x_train[batch], y_train[batch]
+                new_params, opt_state, loss = train_step(params, opt_state, x, y)
                 scalars = {"loss": loss}
                 if (step + 1) % config.train.eval_every == 0 or step == config.train.steps - 1:
                     test_metrics = jax.device_get(evaluate(new_params, x_test, y_test))
                     scalars.update({f"test_{name}": value for name, value in test_metrics.items()})
-                monitor(step, params, **scalars)
+                monitor(step, params, batch=(x, y), **scalars)
                 params = new_params
                 if checkpoints.should_save(step):  # logs up to a checkpoint must survive a crash after it
                     monitor.flush()  # and the monitor's state holds every firing so far
@@ -245,9 +257,9 @@ def _training_state(params: Any, opt_state: Any, monitor: NTKMonitor) -> dict[st
     """What a checkpoint holds: the parameters, the optimiser state and the monitor's state (the drift reference
     and the previous kernel, so that a resumed run measures drift and velocity as an uninterrupted one)."""
     state = {"params": params, "opt_state": opt_state}
-    if monitor.cvs and monitor.state is not None:
+    if monitor.measurements and monitor.state is not None:
         state["monitor"] = monitor.state
-    elif monitor.cvs and not isinstance(monitor.probes, str):
+    elif monitor.measurements and not isinstance(monitor.probes, str):
         state["monitor"] = monitor.initial_state(params)
     return state
 
@@ -294,10 +306,24 @@ def _make_monitor(config: RunConfig, data: Dataset, model: ntkcv.Model) -> NTKMo
     if len(sets) == 1:  # one set keeps the plain names, cv/<name>
         (probes, labels), = sets.values()
     cvs = (*monitor.cvs, *(("relative_distance", "cosine_distance", "kernel_velocity") if monitor.drift else ()))
+    if monitor.infinite_width:  # the zoo's MLP: flax Dense layers, standard parameterisation, σ_w = 1, σ_b = 0
+        infinite_ntk = ntkcv.infinite.infinite_width_ntk(len(config.model.widths), config.model.activation,
+                                                         parameterization="standard")
+        scale = ntkcv.infinite.empirical_scale("standard", num_outputs=num_outputs(data),
+                                               width=config.model.widths[0])
+        cvs = (*cvs, ntkcv.infinite.infinite_width_distance(infinite_ntk, scale=scale))
     steps = config.train.steps
     log_spaced = (1, steps, monitor.log_spaced) if monitor.log_spaced else None
+    rate, measurements = learning_rate(config.optimizer, steps), {}
+    if monitor.curvature:
+        measurements["curvature"] = ntkcv.curvature.curvature_measurement(model.apply_fn, loss=config.train.loss,
+                                                                         learning_rate=rate)
+    if monitor.linearised:
+        measurements["linearised"] = ntkcv.predict.linearisation_measurement(
+            model.apply_fn, learning_rate=rate, trace_axes=monitor.trace_axes, implementation=monitor.implementation)
     return NTKMonitor(  # labels: integer classes, or the regression targets (N, 1) for the alignments
         model, probes, labels=labels, cvs=tuple(dict.fromkeys(cvs)) if monitor.enabled else (),
+        measurements=measurements if monitor.enabled else None,
         groups="layers" if monitor.layers else None,
         layer_cvs=monitor.layer_cvs, cross=("test", "train") if monitor.cross else None,
         schedule=Schedule(every_steps=monitor.every_steps, on_steps=(steps - 1,), log_spaced=log_spaced),
