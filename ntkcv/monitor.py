@@ -223,11 +223,12 @@ class NTKMonitor:
     def state(self, state: State | None) -> None:
         self._state = state
 
-    def initial_state(self, params: Any) -> State:
-        """The state before the first firing (fixed probes only): the template a saved :attr:`state` restores into."""
+    def initial_state(self, params: Any, *, batch: Any = None) -> State:
+        """The state before the first firing (fixed probes only): the template a saved :attr:`state` restores into;
+        ``batch``: a training batch ``(inputs, targets)`` of the loop's shape, for measurements that need one."""
         if isinstance(self.probes, str):
             raise ValueError("probes='batch' has no fixed shape, so no state before its first firing")
-        return self._initial_state(params, self._inputs(params, None))
+        return self._initial_state(params, self._inputs(params, batch))
 
     def __call__(self, step: int, params: Any, *, batch: Any = None, **scalars: Any) -> dict[str, float]:
         """Record ``scalars`` (``train/<name>``) and, when the schedule fires, the CVs (``cv/<name>``)."""

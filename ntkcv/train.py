@@ -189,11 +189,21 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
                 metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
             return metrics
 
+        x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)  # on the device once, not per eval
+
+        def batch(step: int) -> tuple[jax.Array, jax.Array]:
+            """The training batch of ``step``."""
+            if config.train.batch_size == "full":
+                return x_train, y_train
+            indices = _batch_indices(step, x_train.shape[0], config.train.batch_size, config.train.seed)
+            return x_train[indices], y_train[indices]
+
         checkpoints = _checkpoint_manager(run_dir, config)
         try:
             if resume:
                 checkpoints, state, start = _restore(checkpoints, run_dir, config,
-                                                     _training_state(params, opt_state, monitor))
+                                                     _training_state(params, opt_state, monitor, batch(0)))
                 params, opt_state = state["params"], state["opt_state"]
                 if "monitor" in state and start:
                     monitor.state = state["monitor"]
@@ -208,15 +218,10 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
             if config.output.progress:
                 monitor.sinks.append(ConsoleSink(config.train.steps, console=console))
 
-            x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-            x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)  # on the device once, not per eval
             started = time.perf_counter()
             test_metrics: dict[str, float] = {}
             for step in range(start, config.train.steps):
-                x, y = x_train, y_train  # train.batch_size "full"
-                if config.train.batch_size != "full":
-                    batch = _batch_indices(step, x_train.shape[0], config.train.batch_size, config.train.seed)
-                    x, y = x_train[batch], y_train[batch]
+                x, y = batch(step)
                 new_params, opt_state, loss = train_step(params, opt_state, x, y)
                 scalars = {"loss": loss}
                 if (step + 1) % config.train.eval_every == 0 or step == config.train.steps - 1:
@@ -226,7 +231,8 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
                 params = new_params
                 if checkpoints.should_save(step):  # logs up to a checkpoint must survive a crash after it
                     monitor.flush()  # and the monitor's state holds every firing so far
-                    checkpoints.save(step, args=ocp.args.StandardSave(_training_state(params, opt_state, monitor)))
+                    state = _training_state(params, opt_state, monitor, (x, y))
+                    checkpoints.save(step, args=ocp.args.StandardSave(state))
             checkpoints.wait_until_finished()
             monitor.flush()
             final = {f"final/test_{k}": float(v) for k, v in test_metrics.items()}
@@ -253,14 +259,16 @@ def _checkpoint_manager(run_dir: pathlib.Path, config: RunConfig) -> Any:
         should_save_fn=lambda step, _: (step + 1) % every == 0 or step == final_step, max_to_keep=2))
 
 
-def _training_state(params: Any, opt_state: Any, monitor: NTKMonitor) -> dict[str, Any]:
+def _training_state(params: Any, opt_state: Any, monitor: NTKMonitor, batch: tuple[jax.Array, jax.Array]
+                    ) -> dict[str, Any]:
     """What a checkpoint holds: the parameters, the optimiser state and the monitor's state (the drift reference
-    and the previous kernel, so that a resumed run measures drift and velocity as an uninterrupted one)."""
+    and the previous kernel, so that a resumed run measures drift and velocity as an uninterrupted one); ``batch``: a
+    training batch, the shape of the state of measurements that need one."""
     state = {"params": params, "opt_state": opt_state}
     if monitor.measurements and monitor.state is not None:
         state["monitor"] = monitor.state
     elif monitor.measurements and not isinstance(monitor.probes, str):
-        state["monitor"] = monitor.initial_state(params)
+        state["monitor"] = monitor.initial_state(params, batch=batch)
     return state
 
 

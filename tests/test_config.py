@@ -52,7 +52,8 @@ def test_union_values_accept_each_alternative_and_name_both_on_error():
     assert load_config(None, {"monitor.matrix_free": "auto"}).monitor.matrix_free == "auto"
     assert load_config(None, {"monitor.matrix_free": True, "monitor.cvs": ["entropy"],
                               "monitor.drift": False}).monitor.matrix_free is True
-    with pytest.raises(ConfigError, match=r"monitor\.matrix_free must be true or false or must be one of 'auto'; got 'x'"):
+    with pytest.raises(ConfigError,
+                       match=r"monitor\.matrix_free must be true or false or must be one of 'auto'; got 'x'"):
         load_config(None, {"monitor.matrix_free": "x"})
 
 

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from experiments import _common, data_quality, rnd_selection, time_evolution, weight_spectra
+from experiments import _common, data_quality, edge_of_stability, rnd_selection, time_evolution, weight_spectra
 from ntkcv.config import load_config
 from ntkcv.report import read_array
+from ntkcv.studies import edge_of_stability as edge_study
 from ntkcv.studies import rnd_selection as rnd_study
 from ntkcv.studies import time_evolution as time_evolution_study
 from ntkcv.studies import weight_spectra as weight_spectra_study
@@ -93,7 +94,21 @@ def test_rnd_selection_sweep_has_one_run_per_selection():
         rnd_selection.select(load_sweep(_common.CONFIGS / "time_evolution.yaml"))
 
 
-@pytest.mark.parametrize("study, runs", [("time_evolution", 288), ("data_quality", 120), ("rnd_selection", 48)])
+def test_edge_of_stability_quick(tmp_path):
+    """One run at η = 0.06: the Gauss–Newton sharpness starts at 31, below 2/η = 33.3, rises to it and hovers."""
+    assert edge_of_stability.main(["--quick", "--dir", str(tmp_path)]) == 0
+    rows = edge_study.annotate(read_table(tmp_path / "results.csv"), tmp_path)
+    (cell,) = edge_study.analyse(rows).values["cells"]
+    assert cell["initial"] < cell["threshold"] == pytest.approx(2 / 0.06)
+    assert cell["sharpening"].value > 1.1 and cell["reached"][1] == 1
+    assert 0.95 < cell["edge"].value < 1.05 and 0.95 < cell["hessian_edge"].value < 1.05
+    text = (tmp_path / "findings.md").read_text()
+    assert "## Edge of stability" in text and "**Inconclusive.**" in text  # one seed: no interval to judge
+    assert (tmp_path / "figures" / "edge_of_stability.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("study, runs", [("time_evolution", 288), ("data_quality", 120), ("rnd_selection", 48),
+                                         ("edge_of_stability", 9)])
 def test_full_configs_parse_with_the_documented_size(study, runs):
     assert len(expand(load_sweep(_common.CONFIGS / f"{study}.yaml"))) == runs  # rnd: grid points, 2 runs each
 

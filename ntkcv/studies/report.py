@@ -14,6 +14,7 @@ STUDIES: dict[str, tuple[str, ...]] = {
     "weight_spectra": ("weight_spectra", "time_evolution"),
     "data_quality": ("data_quality",),
     "rnd_selection": ("rnd_selection",),
+    "edge_of_stability": ("edge_of_stability",),
 }
 """Sweep name → the studies (modules of :mod:`ntkcv.studies`) its results answer, the first the main one.
 
