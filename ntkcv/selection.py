@@ -1,9 +1,9 @@
 r"""Training-set selection: random network distillation (RND) and uniform random selection.
 
 RND (Burda et al., arXiv 1810.12894) scores how novel an input is by how badly a *predictor* network,
-trained on the inputs seen so far, imitates a fixed random *target* network there. Used as a data
-selector (Tovey et al., "Collective variables of neural networks", arXiv 2305.00995, after the ZnNL
-implementation), it builds a training set greedily: start empty; in each round score every candidate,
+trained on the inputs seen so far, imitates a fixed random *target* network there. Used as a data selector
+(Tovey et al., "Towards a phenomenological understanding of neural networks: data", arXiv 2305.00995, after
+the ZnNL implementation), it builds a training set greedily: start empty; in each round score every candidate,
 add the ``per_round`` unselected candidates with the largest error, then train the predictor further on
 the selected set. Points unlike anything selected so far keep a large error, so the set spreads over
 the input space: it prefers outliers and sparse regions to dense clusters, which a uniform draw

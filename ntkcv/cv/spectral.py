@@ -42,7 +42,9 @@ def entropy(kernel: jax.Array) -> jax.Array:
     so :math:`0 ≤ S ≤ \ln n`; :math:`S = 0` for a rank-one kernel and :math:`\ln n` for :math:`c I_n`.
     Natural logarithm. A zero (or non-finite) kernel gives NaN with a ``RuntimeWarning``.
 
-    Reference: Tovey et al., "Collective variables of neural networks", arXiv 2305.00995.
+    References: Tovey et al., "Towards a phenomenological understanding of neural networks: data", arXiv
+    2305.00995; Tovey et al., "Collective variables of neural networks: empirical time evolution and scaling laws",
+    arXiv 2410.07451.
     """
     return entropy_of(eigenvalues(kernel))
 
