@@ -6,9 +6,14 @@
   random training subsets;
 - ``python -m experiments.rnd_selection``: RND-selected vs random training sets;
 - ``python -m experiments.weight_spectra``: weight-spectrum α and α̂ vs the test accuracy (reuses the
-  time-evolution runs).
+  time-evolution runs);
+- ``python -m experiments.time_evolution_authors``: the time evolution on Tovey et al.'s protocol (their networks,
+  ReLU and tanh, softmax outputs, 500 epochs, dense early snapshots);
+- ``python -m experiments.edge_of_stability``: the sharpness under full-batch gradient descent (Cohen et al. 2021);
+- ``python -m experiments.lazy_regime``: the kernel change against width (Lee et al. 2019; the catapult phase);
+- ``python -m experiments.kernel_alignment``: the test kernel–target alignment over training (Baratin et al. 2021).
 
-Each script loads its sweep from ``configs/experiments/<study>.yaml`` (the full mode, ≤ 30 min on two CPU
+Each script loads its sweep from ``configs/experiments/<study>.yaml`` (the full mode, ≤ 60 min on two CPU
 cores on the embedded digits), runs it (resumably: rerun the same command after a crash), writes
 ``figures/*.png`` and ``findings.md`` into the sweep's folder and prints the findings; ``ntkcv report
 SWEEP_DIR`` rewrites them from the table. Options: ``--quick`` (the small version the tests run: a documented

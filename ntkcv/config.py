@@ -48,6 +48,7 @@ class ModelConfig:
     widths: tuple[int, ...] = (128, 128)  # mlp hidden widths; cnn dense hidden widths
     channels: tuple[int, ...] = (16, 32)  # cnn convolution channels
     activation: Literal["tanh", "relu", "gelu", "sigmoid", "erf"] = "tanh"
+    parameterization: Literal["standard", "ntk"] = "standard"  # mlp only; "ntk": see ntkcv.zoo.MLP
     dim: int = 64  # transformer width
     depth: int = 2  # transformer blocks
     heads: int = 4  # transformer attention heads
@@ -102,6 +103,9 @@ class MonitorConfig:
     # the distance of each probe set's kernel from the infinite-width NTK (mlp of equal widths), as
     # cv/[<set>/]infinite_width/relative_distance and .../cosine_distance
     infinite_width: bool = False
+    # the network outputs whose NTK the CVs are of: the logits, or the softmax probabilities (as the networks of
+    # Tovey et al. 2024 end in a softmax; the loss is still of the logits)
+    outputs: Literal["logits", "softmax"] = "logits"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +243,9 @@ def _check_data(config: RunConfig) -> int:
 
 def _check_model(config: RunConfig) -> None:
     model, data = config.model, config.data
+    if model.parameterization != "standard" and model.kind != "mlp":
+        raise ConfigError(f"model.parameterization {model.parameterization!r} needs model.kind 'mlp' (the others "
+                          f"have the standard parameterisation only); got {model.kind!r}")
     if model.kind == "cnn":
         shape = DATASET_INFO[data.name].input_shape
         if len(shape) != 3:
@@ -291,6 +298,9 @@ def _check_monitor(config: RunConfig) -> None:
         raise ConfigError(f"monitor.cross needs monitor.probe_sets [train, test]; got {list(monitor.probe_sets)}")
     if monitor.cross and tuple(monitor.trace_axes) == ():
         raise ConfigError("monitor.cross needs a traced kernel: monitor.trace_axes [-1], not []")
+    if monitor.outputs == "softmax" and regression:
+        raise ConfigError(f"monitor.outputs 'softmax' needs class outputs, and data set {data.name!r} is a regression "
+                          "task; use 'logits'")
     if monitor.linearised:
         if set(monitor.probe_sets) != {"train", "test"} or data.probe_set != "train":
             raise ConfigError("monitor.linearised needs monitor.probe_sets [train, test] and data.probe_set 'train' "
@@ -307,6 +317,8 @@ def _check_monitor(config: RunConfig) -> None:
                               f"{list(model.widths)}")
         if tuple(monitor.trace_axes) == ():
             raise ConfigError("monitor.infinite_width needs the output-traced kernel: monitor.trace_axes [-1], not []")
+        if monitor.outputs != "logits":
+            raise ConfigError("monitor.infinite_width compares the NTK of the logits: monitor.outputs must be 'logits'")
     try:
         make_layout((1, 1), monitor.trace_axes)  # checked as ntk_fn checks it on the models' (N, C) outputs
     except ValueError:

@@ -28,7 +28,7 @@ from ntkcv.config import OptimizerConfig, RunConfig, flatten, to_dict
 from ntkcv.data import Dataset, load_dataset, probe_subset
 from ntkcv.monitor import NTKMonitor
 from ntkcv.schedule import Schedule
-from ntkcv.zoo import make_model
+from ntkcv.zoo import NTK_BIAS_STD, NTK_WEIGHT_STD, make_model
 
 
 def learning_rate(config: OptimizerConfig, total_steps: int) -> float | optax.Schedule:
@@ -314,10 +314,12 @@ def _make_monitor(config: RunConfig, data: Dataset, model: ntkcv.Model) -> NTKMo
     if len(sets) == 1:  # one set keeps the plain names, cv/<name>
         (probes, labels), = sets.values()
     cvs = (*monitor.cvs, *(("relative_distance", "cosine_distance", "kernel_velocity") if monitor.drift else ()))
-    if monitor.infinite_width:  # the zoo's MLP: flax Dense layers, standard parameterisation, σ_w = 1, σ_b = 0
+    if monitor.infinite_width:  # the zoo's MLP: standard (flax Dense, σ_w = 1, σ_b = 0) or ntk parameterisation
+        parameterization = config.model.parameterization
+        stds = {"weight_std": NTK_WEIGHT_STD, "bias_std": NTK_BIAS_STD} if parameterization == "ntk" else {}
         infinite_ntk = ntkcv.infinite.infinite_width_ntk(len(config.model.widths), config.model.activation,
-                                                         parameterization="standard")
-        scale = ntkcv.infinite.empirical_scale("standard", num_outputs=num_outputs(data),
+                                                         parameterization=parameterization, **stds)
+        scale = ntkcv.infinite.empirical_scale(parameterization, num_outputs=num_outputs(data),
                                                width=config.model.widths[0])
         cvs = (*cvs, ntkcv.infinite.infinite_width_distance(infinite_ntk, scale=scale))
     steps = config.train.steps
@@ -329,6 +331,8 @@ def _make_monitor(config: RunConfig, data: Dataset, model: ntkcv.Model) -> NTKMo
     if monitor.linearised:
         measurements["linearised"] = ntkcv.predict.linearisation_measurement(
             model.apply_fn, learning_rate=rate, trace_axes=monitor.trace_axes, implementation=monitor.implementation)
+    if monitor.outputs == "softmax":  # the CVs' kernel is of the probabilities; the other measurements keep the logits
+        model = ntkcv.from_function(lambda p, x, logits=model.apply_fn: jax.nn.softmax(logits(p, x)), model.params)
     return NTKMonitor(  # labels: integer classes, or the regression targets (N, 1) for the alignments
         model, probes, labels=labels, cvs=tuple(dict.fromkeys(cvs)) if monitor.enabled else (),
         measurements=measurements if monitor.enabled else None,
@@ -344,7 +348,7 @@ def _make_monitor(config: RunConfig, data: Dataset, model: ntkcv.Model) -> NTKMo
 def _model_options(config: RunConfig) -> dict[str, Any]:
     m = config.model
     if m.kind == "mlp":
-        return {"widths": m.widths, "activation": m.activation}
+        return {"widths": m.widths, "activation": m.activation, "parameterization": m.parameterization}
     if m.kind == "cnn":
         return {"channels": m.channels, "widths": m.widths, "activation": m.activation}
     return {"dim": m.dim, "depth": m.depth, "heads": m.heads}

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,20 +37,54 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 """Activation functions by the names the models accept."""
 
 
+NTK_WEIGHT_STD = 1.0
+"""σ_w of the MLP's ``"ntk"`` parameterisation."""
+NTK_BIAS_STD = 0.1
+"""σ_b of the MLP's ``"ntk"`` parameterisation."""
+PARAMETERIZATIONS = ("standard", "ntk")
+"""The MLP's parameterisations."""
+
+
 class MLP(nn.Module):
-    """Flatten, then ``Dense(w) -> activation`` for each hidden width ``w``, then ``Dense(num_outputs)``."""
+    r"""Flatten, then ``Dense(w) -> activation`` for each hidden width ``w``, then ``Dense(num_outputs)``.
+
+    ``parameterization``:
+
+    - ``"standard"``: Flax's ``nn.Dense`` as it is, :math:`h ↦ h W + b` with LeCun-normal :math:`W` (variance
+      1/fan_in) and zero :math:`b`.
+    - ``"ntk"`` (Jacot et al. 2018; neural-tangents' ``stax``): :math:`h ↦ \frac{σ_w}{\sqrt{\text{fan_in}}} h W
+      + σ_b b` with :math:`W, b ∼ 𝒩(0, 1)`, :math:`σ_w` = :data:`NTK_WEIGHT_STD`, :math:`σ_b` = :data:`NTK_BIAS_STD`,
+      every layer including the readout. Its empirical NTK over the ``K`` outputs tends to
+      ``K · ntkcv.infinite_width_ntk(len(widths), activation, parameterization="ntk", weight_std=NTK_WEIGHT_STD,
+      bias_std=NTK_BIAS_STD)`` as the widths grow. Each layer is written
+      :math:`σ_b · \text{Dense}(h · σ_w / (σ_b \sqrt{\text{fan_in}}))`, which has the same outputs and the same
+      gradients, so the parameters stay ``Dense_i/kernel`` and ``Dense_i/bias`` of plain ``nn.Dense`` layers and
+      ``ntk_fn``'s structured implementation covers them.
+    """
 
     widths: tuple[int, ...]
     num_outputs: int
     activation: str = "tanh"
+    parameterization: str = "standard"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"mlp.parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got "
+                             f"{self.parameterization!r}")
+        dense = _ntk_dense if self.parameterization == "ntk" else lambda features, h: nn.Dense(features)(h)
         x = x.reshape((x.shape[0], -1))
         for width in self.widths:
-            x = act(nn.Dense(width)(x))
-        return nn.Dense(self.num_outputs)(x)
+            x = act(dense(width, x))
+        return dense(self.num_outputs, x)
+
+
+def _ntk_dense(features: int, x: jax.Array) -> jax.Array:
+    """One NTK-parameterised layer (see :class:`MLP`), made inside the calling module's compact method."""
+    normal = nn.initializers.normal(1.0)
+    scale = NTK_WEIGHT_STD / (NTK_BIAS_STD * math.sqrt(x.shape[-1]))
+    return NTK_BIAS_STD * nn.Dense(features, kernel_init=normal, bias_init=normal)(x * scale)
 
 
 class CNN(nn.Module):
@@ -146,7 +181,7 @@ class Transformer(nn.Module):
 
 # kind -> (module, its options with their defaults)
 _KINDS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "mlp": (MLP, {"widths": (128, 128), "activation": "tanh"}),
+    "mlp": (MLP, {"widths": (128, 128), "activation": "tanh", "parameterization": "standard"}),
     "cnn": (CNN, {"channels": (16, 32), "widths": (128,), "activation": "relu"}),
     "transformer": (Transformer, {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 4, "activation": "gelu",
                                   "vocab_size": None}),
@@ -160,7 +195,8 @@ def make_model(kind: str, *, num_outputs: int, **options: Any) -> nn.Module:
 
     Options (defaults in brackets):
 
-    - ``mlp``: ``widths`` hidden widths [(128, 128)], ``activation`` [tanh]; flattens its input.
+    - ``mlp``: ``widths`` hidden widths [(128, 128)], ``activation`` [tanh], ``parameterization`` [standard]: one
+      of :data:`PARAMETERIZATIONS` (see :class:`MLP`); flattens its input.
     - ``cnn``: ``channels`` conv channels [(16, 32)] (3×3 'SAME' conv, activation, 2×2 average pool each),
       ``widths`` dense hidden widths [(128,)], ``activation`` [relu].
     - ``transformer``: ``dim`` [64], ``depth`` [2], ``heads`` [4] (must divide ``dim``), ``mlp_ratio`` [4],
@@ -186,6 +222,11 @@ def make_model(kind: str, *, num_outputs: int, **options: Any) -> nn.Module:
         elif name == "activation":
             if value not in ACTIVATIONS:
                 raise ValueError(f"{kind}.activation must be one of {', '.join(ACTIVATIONS)}, got {value!r}")
+            config[name] = value
+        elif name == "parameterization":
+            if value not in PARAMETERIZATIONS:
+                raise ValueError(f"{kind}.parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got "
+                                 f"{value!r}")
             config[name] = value
         elif name == "vocab_size":
             config[name] = None if value is None else _positive_int(f"{kind}.vocab_size", value)

@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from experiments import _common, data_quality, edge_of_stability, rnd_selection, time_evolution, weight_spectra
+from experiments import (
+    _common,
+    data_quality,
+    edge_of_stability,
+    rnd_selection,
+    time_evolution,
+    time_evolution_authors,
+    weight_spectra,
+)
 from ntkcv.config import load_config
 from ntkcv.report import read_array
 from ntkcv.studies import edge_of_stability as edge_study
@@ -107,8 +115,36 @@ def test_edge_of_stability_quick(tmp_path):
     assert (tmp_path / "figures" / "edge_of_stability.png").stat().st_size > 5000
 
 
+def test_time_evolution_on_the_authors_protocol_quick(tmp_path):
+    """Four runs; the NTK is of the softmax outputs: its logged trace at step 0 is that of the initial network's
+    probabilities, recomputed here."""
+    import jax
+    import jax.numpy as jnp
+
+    import ntkcv
+    from ntkcv.data import load_dataset
+    from ntkcv.report import read_scalars
+    from ntkcv.zoo import make_model
+
+    assert time_evolution_authors.main(["--quick", "--dir", str(tmp_path)]) == 0
+    rows = read_table(tmp_path / "results.csv")
+    assert len(rows) == 4 and all(row["status"] == "complete" for row in rows)
+    findings = time_evolution_study.analyse(rows)
+    assert len(findings.values["cells"]) == 2 and len(findings.claims) == 3
+    run = next(row for row in rows if row["config.model.widths"] == "[12, 12, 12]" and row["config.train.seed"] == 0)
+    steps, traces = read_scalars(tmp_path / "runs" / run["run_id"] / "ntkcv.h5")["cv/train/trace"]
+    assert list(steps[:3]) == [0, 1, 2]  # dense early snapshots
+    data = load_dataset("digits", train_size=200, seed=0)
+    module = make_model("mlp", num_outputs=10, widths=(12, 12, 12), activation="relu")
+    x = jnp.asarray(data.x_train)
+    params = jax.jit(module.init)(jax.random.key(0), x[:1])["params"]
+    kernel = ntkcv.ntk_fn(lambda p, x: jax.nn.softmax(module.apply({"params": p}, x)))(params, x)
+    assert traces[0] == pytest.approx(float(jnp.trace(kernel)), rel=1e-4)
+    assert (tmp_path / "figures" / "time_evolution_trajectories.png").stat().st_size > 5000
+
+
 @pytest.mark.parametrize("study, runs", [("time_evolution", 288), ("data_quality", 120), ("rnd_selection", 48),
-                                         ("edge_of_stability", 9)])
+                                         ("edge_of_stability", 9), ("time_evolution_authors", 48)])
 def test_full_configs_parse_with_the_documented_size(study, runs):
     assert len(expand(load_sweep(_common.CONFIGS / f"{study}.yaml"))) == runs  # rnd: grid points, 2 runs each
 

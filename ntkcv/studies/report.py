@@ -11,10 +11,13 @@ from ntkcv.studies._findings import Findings
 
 STUDIES: dict[str, tuple[str, ...]] = {
     "time_evolution": ("time_evolution", "weight_spectra"),
+    "time_evolution_authors": ("time_evolution",),
     "weight_spectra": ("weight_spectra", "time_evolution"),
     "data_quality": ("data_quality",),
     "rnd_selection": ("rnd_selection",),
     "edge_of_stability": ("edge_of_stability",),
+    "lazy_regime": ("lazy_regime",),
+    "kernel_alignment": ("kernel_alignment",),
 }
 """Sweep name → the studies (modules of :mod:`ntkcv.studies`) its results answer, the first the main one.
 

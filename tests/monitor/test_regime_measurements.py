@@ -149,6 +149,8 @@ def _flat(config):
      "monitor.linearised needs optimizer.name 'sgd' and train.loss 'mse'"),
     ({"monitor.infinite_width": True, "model.widths": [64, 32]}, "monitor.infinite_width needs model.kind 'mlp' with "
                                                                  "equal model.widths"),
+    ({"monitor.infinite_width": True, "monitor.outputs": "softmax"}, "monitor.outputs must be 'logits'"),
+    ({"monitor.outputs": "softmax", "data.name": "synthetic", "train.loss": "mse"}, "needs class outputs"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -43,11 +43,33 @@ def test_time_evolution_regimes_and_claims():
     assert cells["1024"]["regime"] == "diverged" and cells["1024"]["diverged"] == 1
     assert cells["1024"]["delta"].n == 2  # ΔS over the seeds that did not diverge is still reported
     assert cells["8"]["log10_trace_ratio"] == pytest.approx(1.0)
-    compression, structure = findings.claims
+    compression, structure, transient = findings.claims
     assert compression.verdict == "reproduced" and "smallest network (8)" in compression.evidence
+    assert transient.verdict == "inconclusive"  # no minima logged: no dip to judge
     assert structure.verdict == "reproduced" and "largest network (512×3)" in structure.evidence
     text = findings.markdown()
-    assert "**Reproduced.** Entropy falls" in text and "| **diverged** | 1/3 |" in text
+    assert "**Reproduced.** Entropy falls" in text and "| **diverged** | n/a | n/a | n/a | 1/3 |" in text
+
+
+def test_time_evolution_finds_a_transient_dip_that_delta_s_misses():
+    """Width 8 dips by 0.1 and recovers (ΔS ≈ 0: 'stayed'); width 64 only rises: its minimum is the start. Two probe
+    sets: the training set's columns are read."""
+    rows = []
+    for seed, noise in enumerate((-0.004, 0.0, 0.004)):
+        rows += [row(widths=(8,), seed=seed, train__effective_entropy__initial=0.5,
+                     train__effective_entropy__min=0.4 + noise, train__effective_entropy__argmin_step=20 + seed,
+                     train__effective_entropy__final=0.5 + noise, train__trace__initial=1.0, train__trace__final=1.0),
+                 row(widths=(64,), seed=seed, train__effective_entropy__initial=0.4,
+                     train__effective_entropy__min=0.4, train__effective_entropy__argmin_step=0,
+                     train__effective_entropy__final=0.6 + noise, train__trace__initial=1.0,
+                     train__trace__final=1.0)]
+    findings = time_evolution.analyse(rows)
+    cells = {c["architecture"]: c for c in findings.values["cells"]}
+    assert cells["8"]["regime"] == "stayed" and cells["8"]["transient"]
+    assert cells["8"]["dip"].value == pytest.approx(-0.1) and cells["8"]["recovery"].value == pytest.approx(0.1)
+    assert cells["8"]["dip_step"] == pytest.approx(21)
+    assert not cells["64"]["transient"] and math.isnan(cells["64"]["dip_step"])
+    assert findings.claims[2].verdict == "reproduced" and "minimum at step 21" in findings.claims[2].evidence
 
 
 def test_time_evolution_counts_a_diverged_cell_without_judging_it():
@@ -179,3 +201,19 @@ def test_cli_report_dispatches_on_sweep_json(tmp_path, capsys):
     _write_sweep(tmp_path / "other", "digits-widths", rows)
     assert cli(["report", str(tmp_path / "other")]) == 2
     assert "not one of the studies' sweeps" in capsys.readouterr().err
+
+
+def test_time_evolution_cells_name_the_activation_and_outputs_where_they_vary():
+    rows = []
+    for activation, change in (("relu", -0.1), ("tanh", 0.1)):
+        for seed, noise in enumerate((-0.004, 0.0, 0.004)):
+            for widths in ((12, 12, 12), (1000, 1000, 1000)):
+                r = row(widths=widths, seed=seed, effective_entropy__initial=0.5,
+                        effective_entropy__final=0.5 + change + noise, trace__initial=1.0, trace__final=1.0)
+                r["config.model.activation"], r["config.monitor.outputs"] = activation, "softmax"
+                rows.append(r)
+    findings = time_evolution.analyse(rows)
+    assert sorted(c["network"] for c in findings.values["cells"]) == ["1000×3 relu", "1000×3 tanh", "12×3 relu",
+                                                                       "12×3 tanh"]  # outputs do not vary
+    compression = findings.claims[0]
+    assert compression.verdict == "partly reproduced" and "n=30, relu: ΔS" in compression.evidence
