@@ -122,7 +122,7 @@ def _trajectories(rows, trainings, sizes, networks, out_dir, sweep_dir) -> list[
     from ntkcv.report import read_scalars
 
     plt = pyplot()
-    fig, axes = subplots(len(trainings), len(sizes), panel=(3.2, 2.5), sharey=True)
+    fig, axes = subplots(len(trainings), len(sizes), panel=(4.0, 3.0), sharey=True)
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(networks)))
     plotted, name = False, f"cv/{_prefix(rows).replace('.', '/')}{CV}"
     for (training, n, network), members in _cells(rows).items():
@@ -146,7 +146,9 @@ def _trajectories(rows, trainings, sizes, networks, out_dir, sweep_dir) -> list[
         return []
     for ax in axes[:, 0]:
         ax.set_ylabel("S / ln n")
-    axes[0, -1].legend(fontsize=7, title="network")
+    handles = {label: handle for ax in axes.flat
+               for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7, title="network")
     return [save(fig, out_dir / "time_evolution_trajectories.png")]
 
 
