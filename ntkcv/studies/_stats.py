@@ -41,11 +41,16 @@ class Estimate:
         return 1 if self.low > 0 else -1 if self.high < 0 else 0
 
     def __str__(self) -> str:
+        return self.format("+.3f")
+
+    def format(self, spec: str) -> str:
+        """``value [low, high]`` with each number formatted by ``spec``; the value alone without an interval,
+        ``n/a`` without a value."""
         if math.isnan(self.value):
             return "n/a"
         if math.isnan(self.low):
-            return f"{self.value:+.3f}"
-        return f"{self.value:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+            return format(self.value, spec)
+        return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
 
 
 def mean_ci(values: Sequence[float] | np.ndarray) -> Estimate:

@@ -96,8 +96,8 @@ def analyse(rows: list[dict[str, Any]]) -> Findings:
     sharpened = [c for c in rising if c["sharpening"].low > 1]
     judged = [c for c in cells if not math.isnan(c["edge"].low)]
     hovering = [c for c in judged if BAND[0] <= c["edge"].low and c["edge"].high <= BAND[1]]
-    sharpening = "; ".join(f"η = {c['learning_rate']:g}: {_ratio(c['sharpening'])}" for c in cells)
-    edges = "; ".join(f"η = {c['learning_rate']:g}: {_ratio(c['edge'])}" for c in cells)
+    sharpening = "; ".join(f"η = {c['learning_rate']:g}: {c['sharpening'].format('.3f')}" for c in cells)
+    edges = "; ".join(f"η = {c['learning_rate']:g}: {c['edge'].format('.3f')}" for c in cells)
     claims = (
         Claim("Under full-batch gradient descent the sharpness rises while it is below 2/η (progressive sharpening; "
               "Cohen et al. 2021, arXiv 2103.00065).", verdict(len(sharpened), len(rising)),
@@ -114,9 +114,9 @@ def analyse(rows: list[dict[str, Any]]) -> Findings:
         ("η", "2/η", "seeds", "beyond the edge at start", "λ₀", "peak / λ₀", "step reaching 0.95·2/η",
          "λ/(2/η) after", "Hessian λ/(2/η) after", "loss rises"),
         tuple((f"{c['learning_rate']:g}", f"{c['threshold']:.1f}", str(c["seeds"]), str(c["beyond"]),
-               fmt(c["initial"], ".1f"), _ratio(c["sharpening"]),
-               f"{fmt(c['reached'][0], '.0f')} ({c['reached'][1]}/{c['seeds']})", _ratio(c["edge"]),
-               _ratio(c["hessian_edge"]), fmt(c["loss_rises"], ".2f")) for c in cells),
+               fmt(c["initial"], ".1f"), c["sharpening"].format(".3f"),
+               f"{fmt(c['reached'][0], '.0f')} ({c['reached'][1]}/{c['seeds']})", c["edge"].format(".3f"),
+               c["hessian_edge"].format(".3f"), fmt(c["loss_rises"], ".2f")) for c in cells),
     )
     notes = ("'loss rises': the fraction of steps after reaching the edge whose training loss is above the previous "
              "step's (the non-monotone descent Cohen et al. describe).",)
@@ -176,10 +176,3 @@ def _cell(rate: float, members: list[dict[str, Any]]) -> dict[str, Any]:
             "hessian_edge": mean_ci([_rows.number(r, "hessian_edge") for r in inside]),
             "loss_rises": finite_mean([_rows.number(r, "loss_rises") for r in inside])}
 
-
-def _ratio(estimate: Any) -> str:
-    if math.isnan(estimate.value):
-        return "n/a"
-    if math.isnan(estimate.low):
-        return f"{estimate.value:.3f}"
-    return f"{estimate.value:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"

@@ -126,7 +126,7 @@ def analyse(rows: list[dict[str, Any]]) -> Findings:
                f"{c['seeds']}" + (f" ({c['diverged']} diverged)" if c["diverged"] else ""),
                fmt(c["initial"].value), fmt(c["final"].value), str(c["delta"]), str(c["peak"]),
                str(c["train_delta"]),
-               str(c["uncentred_delta"]), _plain(c["drift"]), fmt(c["accuracy"])) for c in cells),
+               str(c["uncentred_delta"]), c["drift"].format(".3f"), fmt(c["accuracy"])) for c in cells),
     )
     paired = Table(
         "Paired differences over seeds between neighbouring cells, the one further from the lazy limit minus the "
@@ -270,13 +270,6 @@ def _ordering_claim(comparisons: list[dict[str, Any]], quantity: str, name: str)
                  f"{len(judged)} paired comparisons" + (f"; significantly smaller at {', '.join(against)}"
                                                         if against else "") + f" ({detail}).")
 
-
-def _plain(estimate: Estimate) -> str:
-    if math.isnan(estimate.value):
-        return "n/a"
-    if math.isnan(estimate.low):
-        return f"{estimate.value:.3f}"
-    return f"{estimate.value:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
 
 
 def _trajectory_figure(groups: dict[Any, list], out_dir: pathlib.Path, sweep_dir: pathlib.Path) -> pathlib.Path:

@@ -130,7 +130,7 @@ def analyse(rows: list[dict[str, Any]]) -> Findings:
                "final loss"),
               tuple((a["label"], str(w["width"]), str(w["seeds"]), fmt(w["eta_lambda"], ".2f"),
                      ", ".join(f"{name} {count}" for name, count in w["regimes"].items()),
-                     _interval(w["kernel_change"]), fmt(w["sharpness_ratio"], ".3f"), fmt(w["loss_peak"], ".2f"),
+                     w["kernel_change"].format(".4g"), fmt(w["sharpness_ratio"], ".3f"), fmt(w["loss_peak"], ".2f"),
                      fmt(w["final_loss"], ".4f")) for a in arms for w in a["widths"])),
         Table("Power law Δ ∝ width^b fitted per arm (log–log least squares; interval: bootstrap over seeds)",
               ("arm", "regime", "exponent b", "prefactor", "R²", "points", "b without the widest width"),
@@ -354,13 +354,6 @@ def _judged(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The arms whose exponent has an interval (two or more seeds)."""
     return [a for a in arms if not math.isnan(a["fit"].exponent.low)]
 
-
-def _interval(estimate: Any) -> str:
-    if math.isnan(estimate.value):
-        return "n/a"
-    if math.isnan(estimate.low):
-        return f"{estimate.value:.4g}"
-    return f"{estimate.value:.4g} [{estimate.low:.4g}, {estimate.high:.4g}]"
 
 
 def _exponent(fit: PowerLawFit | None) -> str:
