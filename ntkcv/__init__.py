@@ -3,11 +3,11 @@
 import importlib.metadata
 
 from ntkcv import curvature, cv, infinite, predict
-from ntkcv import layers as _layers  # noqa: F401  registers Flax layer recognition for the structured NTK
+from ntkcv import layers as _layers  # noqa: F401  registers Flax and equinox layer recognition for the structured NTK
 from ntkcv.cv import collective_variables
 from ntkcv.infinite import infinite_width_nngp, infinite_width_ntk
 from ntkcv.measurement import Context, Measurement, make_measurement
-from ntkcv.models import Model, from_function, from_linen, from_nnx
+from ntkcv.models import Model, from_equinox, from_function, from_linen, from_nnx
 from ntkcv.monitor import NTKMonitor
 from ntkcv.ntk import Implementation, NTKOperator, flatten_kernel, ntk_fn, ntk_operator, parameter_groups
 from ntkcv.recorder import Recorder
@@ -28,6 +28,7 @@ __all__ = [
     "curvature",
     "cv",
     "flatten_kernel",
+    "from_equinox",
     "from_function",
     "from_linen",
     "from_nnx",

@@ -7,6 +7,7 @@ A config file mirrors :class:`RunConfig`: sections ``data``, ``model``, ``optimi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import pathlib
 import re
@@ -38,8 +39,11 @@ class DataConfig:
     test_size: int | None = None
     probe_size: int = 256  # probe inputs for the NTK, drawn class-balanced from the training set
     probe_set: Literal["subset", "train"] = "subset"  # "train": probe the NTK on the whole training set instead
-    subset_seed: int | None = None  # seeds only the train_size draw (None: train.seed); split and test set keep theirs
+    subset_seed: int | None = None  # seeds only the train_size draw (None: data.seed); split and test set keep theirs
     indices: tuple[int, ...] | None = None  # train on exactly these rows of the full training split (no train_size)
+    # seeds the data: the split, the subsamples, the synthetic draw (None: train.seed); set it to vary train.seed (the
+    # initialisation, the batch order, the probes) on the same training and test sets
+    seed: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +112,32 @@ class MonitorConfig:
     outputs: Literal["logits", "softmax"] = "logits"
 
 
+#: Sinks that have an ``output`` key of their own, ``true`` or ``false``, older than ``output.sinks``.
+SWITCHED_SINKS = ("tensorboard", "hdf5")
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/digits-mlp-{time}"  # "{time}" becomes the start time, so each run gets its own directory
     checkpoint_every: int = 200  # an orbax checkpoint after every n updates and after the last
     tensorboard: bool = True
     hdf5: bool = True
+    # where the run logs: any of "tensorboard", "hdf5" (in output.dir) and "mlflow" (pip install 'ntkcv[mlflow]');
+    # null: tensorboard and hdf5 as the two keys above say. A list decides, and may not contradict either key if given
+    sinks: tuple[Literal["tensorboard", "hdf5", "mlflow"], ...] | None = None
+    mlflow_tracking_uri: str | None = None  # null: MLflow's default, $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here
+    mlflow_experiment: str | None = None  # null: $MLFLOW_EXPERIMENT_NAME, or else "ntkcv"
     progress: bool = True
     # JAX's persistent compilation cache: a rerun of the same model and shapes loads its compiled programs.
     # "auto": $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/ntkcv/jax; "off": leave JAX's setting; else a path.
     compilation_cache: str = "auto"
+
+    @property
+    def enabled_sinks(self) -> tuple[str, ...]:
+        """The sinks the run writes to: ``sinks``, or (null) those that ``tensorboard`` and ``hdf5`` switch on."""
+        if self.sinks is not None:
+            return self.sinks
+        return tuple(name for name in SWITCHED_SINKS if getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +179,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: dict[str, Any
     _check_model(config)
     _check_monitor(config)
     _check_output(config)
+    config = _resolve_sinks(config, raw.get("output") or {})
     if config.train.batch_size != "full" and config.train.batch_size > examples:
         warnings.warn(f"train.batch_size {config.train.batch_size} is larger than the {examples} training "
                       f"examples: every step trains on all {examples}", ConfigWarning, stacklevel=2)
@@ -191,6 +212,7 @@ _POSITIVE = ("must be positive", lambda v: v > 0)
 _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "data.probe_size": _AT_LEAST_1,
     "data.subset_seed": _AT_LEAST_0,
+    "data.seed": _AT_LEAST_0,
     "model.widths": _AT_LEAST_1,
     "model.channels": _AT_LEAST_1,
     "model.dim": _AT_LEAST_1,
@@ -338,6 +360,26 @@ def _check_output(config: RunConfig) -> None:
         if field != ("time", "", None):
             raise ConfigError(f"output.dir may hold only the field {{time}} (the start time), got {template!r}; "
                               "write {{ and }} for literal braces")
+
+
+def _resolve_sinks(config: RunConfig, given: dict[str, Any]) -> RunConfig:
+    """Checks ``output.sinks`` against the switches ``output.tensorboard`` and ``output.hdf5`` (those keys in
+    ``given``, the raw ``output`` section), and sets the switches as the list says."""
+    output = config.output
+    sinks = output.sinks
+    if sinks is None:
+        return config
+    if len(set(sinks)) != len(sinks):
+        raise ConfigError(f"output.sinks must name each sink once, got {list(sinks)}")
+    for name in SWITCHED_SINKS:
+        if name in given and getattr(output, name) != (name in sinks):
+            listed = f"lists {name!r}" if name in sinks else f"leaves {name!r} out"
+            raise ConfigError(f"output.{name} is {str(getattr(output, name)).lower()} but output.sinks {list(sinks)} "
+                              f"{listed}: drop output.{name} (output.sinks decides)")
+    if "mlflow" in sinks and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("output.sinks lists 'mlflow', which needs MLflow: pip install 'ntkcv[mlflow]'")
+    switches = {name: name in sinks for name in SWITCHED_SINKS}
+    return dataclasses.replace(config, output=dataclasses.replace(output, **switches))
 
 
 def parse(cls: type, raw: Any, where: str) -> Any:

@@ -1,11 +1,16 @@
-"""Flax layer recognition for the structured NTK: which ``flax.linen`` and ``flax.nnx`` layer calls it factorises.
+"""Layer recognition for the structured NTK: which ``flax.linen``, ``flax.nnx`` and ``equinox`` layer calls it
+factorises.
 
-Implements :mod:`ntkcv.ntk.interception`'s protocol and registers :func:`flax_layers` when imported (``import
+Implements :mod:`ntkcv.ntk.interception`'s protocol and registers :func:`framework_layers` when imported (``import
 ntkcv`` does). linen layers are seen through ``flax.linen.intercept_methods`` (any ``apply_fn`` that applies a
-linen module); NNX layers through :data:`ntkcv.models.nnx_module_hook`, which ``from_nnx``'s ``apply_fn`` calls
-with the merged module. Recognised: exact types ``Dense``/``Linear``, ``DenseGeneral``/``LinearGeneral`` (no
-batch axes), ``Conv`` (ungrouped, unmasked, default convolution) and ``Embed``, called once with one input and
-the default ``dot_general``. Flax is imported only while a structured kernel traces a model.
+linen module); NNX and equinox layers through :data:`ntkcv.models.nnx_module_hook` and
+:data:`ntkcv.models.equinox_module_hook`, which the ``apply_fn`` of ``from_nnx`` and ``from_equinox`` call with the
+merged module. Recognised: exact types ``Dense``/``Linear``, ``DenseGeneral``/``LinearGeneral`` (no batch axes),
+``Conv`` (ungrouped, unmasked, default convolution) and ``Embed``, called once with one input and the default
+``dot_general``; equinox's ``Linear`` (``"scalar"`` features too), ``Conv``/``Conv1d``/``Conv2d``/``Conv3d``
+(ungrouped, zero padding) and ``Embedding``, called once on one sample's arrays, not inside a JAX transformation
+within the model (a layer under the model's own ``jax.vmap`` or ``lax.scan`` falls back). Flax and equinox are
+imported only while a structured kernel traces a model.
 """
 
 from __future__ import annotations
@@ -14,20 +19,23 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core
+import jax.numpy as jnp
 
-from ntkcv.models import nnx_module_hook
+from ntkcv.models import equinox_module_hook, nnx_module_hook
 from ntkcv.ntk.interception import LayerCall, LayerVisitor, register_layer_interceptor
 
 
 class _Active(NamedTuple):
     visitor: LayerVisitor
     nnx_keys: dict[int, str]  # id of a tapped NNX layer -> its key
+    equinox_layers: dict[int, tuple[str, Any]]  # id of a tapped equinox layer -> its key, its model's trace state
 
 
-_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("ntkcv_flax_layers", default=None)
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("ntkcv_layers", default=None)
 
 
 def _param_values_linen(module, roles):
@@ -170,12 +178,96 @@ def _nnx_hook(module) -> None:
             object.__setattr__(node, "__class__", _tapped_nnx_class(type(node)))
 
 
+# The current trace, opaque, equal only within one level of tracing (public in jax.extend since JAX 0.10).
+_trace_state = jax.extend.core.get_opaque_trace_state
+
+
+@functools.cache
+def _equinox_kinds() -> dict[type, str]:
+    """The recognised equinox layer classes (exact types) and the kind of :class:`LayerCall` each makes."""
+    import equinox as eqx
+
+    convs = (eqx.nn.Conv, eqx.nn.Conv1d, eqx.nn.Conv2d, eqx.nn.Conv3d)
+    return {eqx.nn.Linear: "dense", eqx.nn.Embedding: "embed", **dict.fromkeys(convs, "conv")}
+
+
+def _describe_equinox(layer, kind: str, args: tuple, kwargs: dict, *, transformed: bool) -> LayerCall | str:
+    """A supported call of a recognised equinox layer, or the reason why it is not one. equinox layers take one
+    sample, channels first; the :class:`LayerCall` has its inputs channels last (``"scalar"`` inputs as one feature),
+    and :func:`_features_last` puts the outputs in the same layout."""
+    if transformed:
+        return "called inside a JAX transformation within the model (jax.vmap, lax.scan, …)"
+    if len(args) != 1 or set(kwargs) - {"key"}:
+        return f"called with {len(args)} positional and keyword arguments {sorted(kwargs)}"
+    x = jnp.asarray(args[0])
+    params = {"embedding" if kind == "embed" else "kernel": layer.weight}
+    if getattr(layer, "bias", None) is not None:
+        params["bias"] = layer.bias
+    if kind == "embed":
+        return LayerCall(kind, (), params, x)
+    if kind == "dense":
+        return LayerCall(kind, ((0,), 1), params, x.reshape(-1))
+    if layer.groups != 1 or layer.padding_mode != "ZEROS":
+        return f"has groups={layer.groups}, padding_mode={layer.padding_mode!r} (supported: 1, 'ZEROS')"
+    rank = layer.num_spatial_dims
+    config = (layer.kernel_size, layer.stride, layer.padding, (1,) * rank, layer.dilation)
+    return LayerCall(kind, config, params, jnp.moveaxis(x, 0, -1))
+
+
+def _features_last(kind: str, y: jax.Array) -> jax.Array:
+    """An equinox layer's output with its feature axis last (``Conv``: channels first; ``"scalar"``: no axis)."""
+    return jnp.moveaxis(y, 0, -1) if kind == "conv" else jnp.atleast_1d(y)
+
+
+@functools.cache
+def _tapped_equinox_class(cls: type) -> type:
+    """A subclass of an equinox layer class whose calls go through the active visitor."""
+    kind = _equinox_kinds()[cls]
+
+    def call(self, *args, **kwargs):
+        active = _ACTIVE.get()
+        entry = None if active is None else active.equinox_layers.get(id(self))
+        if entry is None:
+            return cls.__call__(self, *args, **kwargs)
+        key, model_trace = entry
+        describe = functools.partial(_describe_equinox, self, kind, args, kwargs,
+                                     transformed=_trace_state() != model_trace)
+        y = active.visitor.visit(key, describe, lambda: _features_last(kind, cls.__call__(self, *args, **kwargs)))
+        if kind == "conv":
+            return jnp.moveaxis(y, -1, 0)
+        return y.reshape(()) if getattr(self, "out_features", None) == "scalar" else y
+
+    return type(cls.__name__, (cls,), {"__call__": call})
+
+
+def _equinox_hook(module):
+    """``module`` with its recognised layers replaced by tapped copies (same fields, same arrays), each noted with
+    its key (``equinox/<path>``) and the trace the model is applied in."""
+    active = _ACTIVE.get()
+    if active is None:
+        return module
+    kinds = _equinox_kinds()
+
+    def tap(path, layer):
+        if type(layer) not in kinds:
+            return layer
+        tapped = object.__new__(_tapped_equinox_class(type(layer)))
+        vars(tapped).update(vars(layer))
+        key = "/".join(("equinox",) + tuple(jax.tree_util.keystr((p,), simple=True) for p in path))
+        active.equinox_layers[id(tapped)] = (key, _trace_state())
+        return tapped
+
+    return jax.tree_util.tree_map_with_path(tap, module, is_leaf=lambda node: type(node) in kinds)
+
+
 @register_layer_interceptor
 @contextlib.contextmanager
-def flax_layers(visitor: LayerVisitor) -> Iterator[None]:
-    """Route the calls of recognised linen layers, and of NNX layers merged by ``from_nnx``, to ``visitor``."""
-    token = _ACTIVE.set(_Active(visitor, {}))
+def framework_layers(visitor: LayerVisitor) -> Iterator[None]:
+    """Route the calls of recognised linen layers, and of NNX and equinox layers of models made by ``from_nnx`` and
+    ``from_equinox``, to ``visitor``."""
+    token = _ACTIVE.set(_Active(visitor, {}, {}))
     hook_token = nnx_module_hook.set(_nnx_hook)
+    equinox_token = equinox_module_hook.set(_equinox_hook)
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -186,6 +278,7 @@ def flax_layers(visitor: LayerVisitor) -> Iterator[None]:
                 stack.enter_context(nn.intercept_methods(_linen_interceptor))
             yield
     finally:
+        equinox_module_hook.reset(equinox_token)
         nnx_module_hook.reset(hook_token)
         _ACTIVE.reset(token)
 

@@ -1,9 +1,10 @@
-"""Model adapters: turn a plain function, a ``flax.linen`` module or a ``flax.nnx`` module into
-``Model(apply_fn, params)`` with ``apply_fn(params, x) -> outputs``.
+"""Model adapters: turn a plain function, a ``flax.linen`` module, a ``flax.nnx`` module or an ``equinox`` module
+into ``Model(apply_fn, params)`` with ``apply_fn(params, x) -> outputs``.
 
-Only ``params`` is differentiated: linen collections other than ``params`` (``batch_stats``, …) and NNX
-state that is not an ``nnx.Param`` are closed over and held fixed. With :mod:`ntkcv.layers` (which layer calls
-the structured NTK factorises), the only modules of the NTK pipeline that import flax.
+Only ``params`` is differentiated: linen collections other than ``params`` (``batch_stats``, …), NNX
+state that is not an ``nnx.Param`` and the leaves of an equinox module that are not inexact arrays are closed over
+and held fixed. With :mod:`ntkcv.layers` (which layer calls the structured NTK factorises), the only modules of the
+NTK pipeline that import flax or equinox.
 
 Example (linen)::
 
@@ -20,6 +21,14 @@ Example (NNX)::
 
     model = ntkcv.from_nnx(nnx.Linear(784, 10, rngs=nnx.Rngs(0)))
     K = ntkcv.ntk_fn(model.apply_fn)(model.params, x)
+
+Example (equinox; the module takes one sample, ``apply_fn`` maps it over the batch)::
+
+    import equinox as eqx
+
+    model = ntkcv.from_equinox(eqx.nn.MLP(784, 10, width_size=64, depth=1, activation=jnp.tanh,
+                                          key=jax.random.key(0)))
+    K = ntkcv.ntk_fn(model.apply_fn)(model.params, x)
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 ApplyFn = Callable[[Any, jax.Array], Any]
 
@@ -37,6 +47,11 @@ ApplyFn = Callable[[Any, jax.Array], Any]
 # traced ``apply_fn``; ``None`` (the default) leaves the call untouched.
 nnx_module_hook: contextvars.ContextVar[Callable[[Any], None] | None] = contextvars.ContextVar(
     "ntkcv_nnx_module_hook", default=None
+)
+# Called by ``from_equinox``'s ``apply_fn`` with the recombined module, which it replaces by the hook's result (the
+# same module with its layers tapped by ``ntkcv.layers``); ``None`` (the default) applies the module as it is.
+equinox_module_hook: contextvars.ContextVar[Callable[[Any], Any] | None] = contextvars.ContextVar(
+    "ntkcv_equinox_module_hook", default=None
 )
 
 
@@ -94,5 +109,37 @@ def from_nnx(module: Any) -> Model:
         if hook is not None:
             hook(merged)
         return merged(x)
+
+    return Model(apply_fn, params)
+
+
+def from_equinox(module: Any, *, batched: bool = False) -> Model:
+    """An ``equinox.Module``: its inexact-array leaves are differentiated, every other leaf (activation functions,
+    integers, integer arrays) held fixed: ``params, static = eqx.partition(module, eqx.is_inexact_array)``.
+
+    equinox modules take one sample, so ``apply_fn(params, x)`` recombines the module and maps it over the batch
+    axis of ``x`` with ``jax.vmap`` (a batch of one sample is applied directly: how the NTK's per-sample passes see
+    the layers the structured path factorises). ``batched=True``: the module takes the whole batch itself. Put a
+    module with dropout in inference mode first (``eqx.nn.inference_mode(module)``).
+    """
+    try:
+        import equinox as eqx
+    except ImportError as error:
+        raise ImportError("from_equinox needs equinox: pip install 'ntkcv[equinox]'") from error
+
+    if not isinstance(module, eqx.Module):
+        raise TypeError(f"module must be an equinox.Module, got {type(module).__name__}")
+    params, static = eqx.partition(module, eqx.is_inexact_array)
+
+    def apply_fn(params, x):
+        combined = eqx.combine(params, static)
+        hook = equinox_module_hook.get()
+        if hook is not None:
+            combined = hook(combined)
+        if batched:
+            return combined(x)
+        if x.shape[0] == 1:
+            return jax.tree_util.tree_map(lambda y: jnp.expand_dims(y, 0), combined(x[0]))
+        return jax.vmap(combined)(x)
 
     return Model(apply_fn, params)

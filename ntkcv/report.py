@@ -35,10 +35,7 @@ def read_array(path: str | pathlib.Path, name: str) -> tuple[np.ndarray, np.ndar
 
 def make_report(run_dir: str | pathlib.Path) -> pathlib.Path:
     """Write ``report/curves.png``, ``report/spectrum.png`` and ``report/summary.md``; returns the summary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object interface: no pyplot state, no backend switch
 
     run_dir = pathlib.Path(run_dir)
     store = run_dir / "ntkcv.h5"
@@ -52,7 +49,8 @@ def make_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         ("loss", r"train/(test_)?loss"), ("entropy", r"cv/([^/]+/)?entropy"), ("trace", r"cv/([^/]+/)?trace"),
         ("drift from the first kernel", r"cv/([^/]+/)?relative_distance"), ("accuracy", r"train/test_accuracy"))}
     panels = {title: names for title, names in panels.items() if names}
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2), squeeze=False)
+    fig = Figure(figsize=(4 * max(len(panels), 1), 3.2))
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)
     for ax, (title, names) in zip(axes[0], panels.items(), strict=False):
         for name in names:
             steps, values = series[name]
@@ -64,12 +62,12 @@ def make_report(run_dir: str | pathlib.Path) -> pathlib.Path:
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
 
     spectrum = read_array(store, "cv/spectrum") or read_array(store, "cv/train/spectrum")
     if spectrum is not None:
         steps, rows = spectrum
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         with np.errstate(divide="ignore", invalid="ignore"):
             image = np.log10(np.clip(rows, 1e-12, None)).T
         mesh = ax.imshow(image, aspect="auto", origin="upper", extent=(steps[0], steps[-1], rows.shape[1], 0))
@@ -77,7 +75,6 @@ def make_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         ax.set(title="NTK spectrum over training", xlabel="step", ylabel="eigenvalue index (descending)")
         fig.tight_layout()
         fig.savefig(out / "spectrum.png", dpi=120)
-        plt.close(fig)
 
     lines = ["# ntkcv run report", "", f"Run: `{run_dir}`", "", "| quantity | first (step) | last (step) | min | max |",
              "|---|---|---|---|---|"]

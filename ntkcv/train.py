@@ -3,13 +3,14 @@
 Step ``s`` applies one optimiser update to the parameters; the monitor records the loss of that update
 and, on its schedule, the NTK collective variables of the parameters *before* it. A checkpoint saved at
 step ``s`` holds the state after update ``s``; ``resume=True`` restores the latest checkpoint, purges
-every log row with step ``> s`` (TensorBoard ``purge_step``, HDF5 ``resume_from_step``) and continues
-at ``s + 1``, so a resumed run has no duplicate and no missing step.
+every log row with step ``> s`` (TensorBoard ``purge_step``, HDF5 ``resume_from_step``, MLflow a new run holding
+the steps ``<= s``) and continues at ``s + 1``, so a resumed run has no duplicate and no missing step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import time
@@ -136,7 +137,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | pathlib.Pat
     """
     run_dir = resolve_run_dir(config.output.dir, resume=resume) if run_dir is None else pathlib.Path(run_dir)
     data = load_dataset(config.data.name, path=config.data.path, train_size=config.data.train_size,
-                        test_size=config.data.test_size, seed=config.train.seed,
+                        test_size=config.data.test_size,
+                        seed=config.train.seed if config.data.seed is None else config.data.seed,
                         subset_seed=config.data.subset_seed, indices=config.data.indices)
     if data.task == "regression" and config.train.loss != "mse":
         raise ValueError(f"data set {config.data.name!r} is a regression task: set train.loss to 'mse'")
@@ -210,11 +212,13 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
             else:
                 start = 0
             write_config(run_dir, config)  # the run is accepted
-            if config.output.tensorboard:
+            if "tensorboard" in config.output.enabled_sinks:
                 monitor.sinks.append(TensorBoardSink(str(run_dir / "tensorboard"),
                                                      purge_step=start if resume else None))
-            if config.output.hdf5:
+            if "hdf5" in config.output.enabled_sinks:
                 monitor.sinks.append(HDF5Sink(run_dir / "ntkcv.h5", resume_from_step=start if resume else None))
+            if "mlflow" in config.output.enabled_sinks:
+                monitor.sinks.append(_mlflow_sink(run_dir, config, resume_from_step=start if resume else None))
             if config.output.progress:
                 monitor.sinks.append(ConsoleSink(config.train.steps, console=console))
 
@@ -247,6 +251,23 @@ def _train_in(run_dir: pathlib.Path, config: RunConfig, data: Dataset, *, resume
         checkpoints.close()
     return {"run_dir": str(run_dir), "tensorboard": str(run_dir / "tensorboard"), "hdf5": str(run_dir / "ntkcv.h5"),
             "steps": config.train.steps, "resumed_from": start, "seconds": time.perf_counter() - started, **final}
+
+
+def _mlflow_sink(run_dir: pathlib.Path, config: RunConfig, *, resume_from_step: int | None) -> Any:
+    """The run's :class:`~ntkcv.sinks.MLflowSink`; ``run_dir/mlflow.json`` records its tracking store and run id,
+    so that a resume continues that run there (as a new run holding its steps before ``resume_from_step``)."""
+    from ntkcv.sinks import MLflowSink
+
+    record = run_dir / "mlflow.json"
+    if resume_from_step is not None and record.is_file():
+        previous = json.loads(record.read_text())
+        sink = MLflowSink(previous["tracking_uri"], run_id=previous["run_id"], resume_from_step=resume_from_step)
+    else:
+        experiment = config.output.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ntkcv"
+        sink = MLflowSink(config.output.mlflow_tracking_uri, experiment=experiment, run_name=run_dir.name,
+                          tags={"ntkcv.run_dir": str(run_dir)})
+    record.write_text(json.dumps({"tracking_uri": sink.tracking_uri, "run_id": sink.run_id}))
+    return sink
 
 
 def _checkpoint_manager(run_dir: pathlib.Path, config: RunConfig) -> Any:

@@ -1,12 +1,15 @@
 """The typed config schema: defaults, the shipped configs, and errors that name the key."""
 
+import json
 import pathlib
+import sys
 import warnings
 
 import numpy as np
 import pytest
+import yaml
 
-from ntkcv.config import ConfigError, ConfigWarning, RunConfig, load_config
+from ntkcv.config import ConfigError, ConfigWarning, RunConfig, load_config, to_dict
 from ntkcv.data import DATASET_INFO, load_dataset
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -200,3 +203,39 @@ def test_dataset_info_matches_the_loaded_data(name, options):
     assert (data.task, data.x_train.shape, data.x_test.shape) == (
         info.task, (info.train_examples, *info.input_shape), (info.test_examples, *info.input_shape))
     assert np.issubdtype(data.y_train.dtype, np.integer) == (info.task == "classification")
+
+
+def test_output_sinks_decide_and_the_older_switches_still_work(tmp_path):
+    assert load_config().output.enabled_sinks == ("tensorboard", "hdf5")
+    assert load_config(None, {"output.tensorboard": False}).output.enabled_sinks == ("hdf5",)
+    config = load_config(None, {"output.sinks": ["hdf5", "mlflow"]})
+    assert config.output.enabled_sinks == ("hdf5", "mlflow")
+    assert (config.output.tensorboard, config.output.hdf5) == (False, True)  # the switches follow the list
+    agreeing = {"output.sinks": ["mlflow"], "output.tensorboard": False, "output.hdf5": False}
+    assert load_config(None, agreeing).output.enabled_sinks == ("mlflow",)
+    assert load_config(None, {"output.sinks": []}).output.enabled_sinks == ()
+    saved = tmp_path / "config.yaml"  # a run's saved config (every key) loads as the same config
+    saved.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config)))))
+    assert load_config(saved) == config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"output.sinks": ["hdf5", "wandb"]},
+     r"output\.sinks\[1\] must be one of 'tensorboard', 'hdf5', 'mlflow'; got 'wandb'"),
+    ({"output.sinks": "mlflow"}, r"output\.sinks must be a list, got 'mlflow'"),
+    ({"output.sinks": ["hdf5", "hdf5"]}, r"output\.sinks must name each sink once, got \['hdf5', 'hdf5'\]"),
+    ({"output.sinks": ["tensorboard"], "output.tensorboard": False},
+     r"output\.tensorboard is false but output\.sinks \['tensorboard'\] lists 'tensorboard': drop output\.tensorboard"),
+    ({"output.sinks": ["mlflow"], "output.hdf5": True},
+     r"output\.hdf5 is true but output\.sinks \['mlflow'\] leaves 'hdf5' out: drop output\.hdf5"),
+])
+def test_output_sinks_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_the_mlflow_sink_needs_mlflow(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed: importlib finds no such module
+    message = r"output\.sinks lists 'mlflow', which needs MLflow: pip install 'ntkcv\[mlflow\]'"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"output.sinks": ["hdf5", "mlflow"]})

@@ -11,12 +11,13 @@ import threading
 import time
 
 import h5py
+import matplotlib
 import numpy as np
 import pytest
 
 from ntkcv._lock import LockedError
 from ntkcv.config import ConfigError, load_config
-from ntkcv.report import make_report, read_scalars
+from ntkcv.report import make_report, read_array, read_scalars
 from ntkcv.sinks import HDF5Sink
 from ntkcv.train import train
 
@@ -52,7 +53,13 @@ def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
         assert series[f"cv/{probe_set}/kernel_velocity"][1][0] == 0 and list(steps) == [0, 10, 20, 30, 39]
     tensorboard = pathlib.Path(result["tensorboard"])
     assert sorted(_event_steps(tensorboard, "cv/test/entropy")) == [0, 10, 20, 30, 39]
-    summary = make_report(result["run_dir"])
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        summary = make_report(result["run_dir"])
+        assert matplotlib.get_backend() == "svg"  # the report draws without switching the process's backend
+    finally:
+        matplotlib.use(backend)
     assert "cv/test/entropy" in summary.read_text()
     assert (summary.parent / "curves.png").stat().st_size > 1000
     assert (summary.parent / "spectrum.png").stat().st_size > 1000
@@ -137,6 +144,46 @@ def test_a_rerun_loads_every_program_from_the_compilation_cache(tmp_path):
     assert len(stored[0]) == 1 and stored[0][0][0].endswith(".jaxexport")
     assert entries[1] == entries[0]  # nothing was compiled anew
     assert stored[1] == stored[0]  # the monitor's program was loaded, not traced and stored again
+
+
+def test_mlflow_holds_the_steps_of_the_hdf5_store_also_after_a_resume(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder is ./mlruns
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {**SMALL, "train.steps": 20, "output.checkpoint_every": 15, "output.dir": str(run_dir),
+                 "output.sinks": ["hdf5", "mlflow"], "output.mlflow_tracking_uri": uri}
+    train(load_config(None, overrides))
+    first = json.loads((run_dir / "mlflow.json").read_text())
+    assert not (run_dir / "tensorboard").exists()
+    shutil.rmtree(run_dir / "checkpoints" / "19")  # as if killed after the checkpoint at step 14
+    assert train(load_config(None, {**overrides, "train.steps": 30}), resume=True)["resumed_from"] == 15
+    record = json.loads((run_dir / "mlflow.json").read_text())
+    client, store = MlflowClient(uri), read_scalars(run_dir / "ntkcv.h5")
+    assert list(store["cv/entropy"][0]) == [0, 10, 20, 29]  # the first session's last firing, step 19, is gone
+    assert list(store["train/loss"][0]) == list(range(30))
+    for name in ("train/loss", "cv/entropy", "cv/trace", "cv/relative_distance", "final/test_accuracy"):
+        history = sorted((metric.step, metric.value) for metric in client.get_metric_history(record["run_id"], name))
+        if name in store:
+            assert [step for step, _ in history] == list(store[name][0]), name
+            np.testing.assert_array_equal([value for _, value in history], store[name][1])
+        else:  # hparam metrics: at the last step, once
+            assert [step for step, _ in history] == [29]
+    steps, spectra = read_array(run_dir / "ntkcv.h5", "cv/spectrum")
+    folder = pathlib.Path(download_artifacts(run_id=record["run_id"], artifact_path="arrays/cv/spectrum",
+                                             dst_path=str(tmp_path / "spectra"), tracking_uri=uri))
+    logged = sorted(folder.glob("*.npy"))
+    assert [int(path.stem) for path in logged] == list(steps)
+    for path, spectrum in zip(logged, spectra, strict=True):
+        np.testing.assert_array_equal(np.load(path), spectrum)
+    run = client.get_run(record["run_id"])
+    assert (run.info.status, run.data.params["train.steps"], run.data.tags["ntkcv.run_dir"]) == (
+        "FINISHED", "30", str(run_dir))
+    assert run.data.tags["ntkcv.resumed_from"] == first["run_id"] != record["run_id"]
+    assert client.get_run(first["run_id"]).info.lifecycle_stage == "deleted"
 
 
 def _logged_steps(run_dir: pathlib.Path, tag: str) -> tuple[list[int], list[int]]:

@@ -9,9 +9,9 @@ the calls of the layers it recognises to ``visitor.visit(key, describe, call)``:
   factorises, else a string saying why it is not;
 - ``call()`` runs the layer; ``visit`` returns its output, or a replacement for it.
 
-The core knows no framework: Flax's linen and NNX layers are recognised by :mod:`ntkcv.layers`, which
-registers its interceptor when ``ntkcv`` is imported. Layers no interceptor recognises take the exact
-Jacobian contraction, leaf by leaf.
+The core knows no framework: Flax's linen and NNX layers and equinox's layers are recognised by
+:mod:`ntkcv.layers`, which registers its interceptor when ``ntkcv`` is imported. Layers no interceptor recognises
+take the exact Jacobian contraction, leaf by leaf.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ import jax
 class LayerCall(NamedTuple):
     """One call of a linear layer ``y = u W (+ b)`` that the structured NTK factorises.
 
-    - ``kind="dense"``: ``config = (axes, n_features)``: the input axes contracted with the leading axes of
-      ``params["kernel"]`` (non-negative, sorted) and the number of trailing feature axes of ``y``.
+    - ``kind="dense"``: ``config = (axes, n_features)``: the input axes contracted with the kernel (non-negative,
+      sorted) and the number of trailing feature axes of ``y``.
     - ``kind="conv"``: ``config = (kernel_size, strides, padding, input_dilation, kernel_dilation)``, as
       ``jax.lax.conv_general_dilated`` takes them (padding also ``"CIRCULAR"``, ``"REFLECT"``, ``"CAUSAL"``);
-      channels last, kernel ``(*kernel_size, d_in, h)``, ungrouped.
+      channels last (inputs and outputs), ungrouped.
+    - The kernel's layout is free (Flax: ``(…, d_in, h)``, equinox: ``(h, d_in, …)``): the kernel depends only on
+      the inputs and the output cotangents.
     - ``kind="embed"``: ``config = ()``; ``inputs`` are integer ids, ``y = params["embedding"][inputs]``.
 
     ``params`` maps roles (``"kernel"``, ``"bias"``, ``"embedding"``) to the arrays the call reads, which must be

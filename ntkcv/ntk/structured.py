@@ -19,7 +19,8 @@ outputs, ``O`` kept and ``R`` traced outputs):
 Covered layers (exact types, ``flax.linen`` and ``flax.nnx``): ``Dense``/``Linear``,
 ``DenseGeneral``/``LinearGeneral`` (no batch axes), ``Conv`` (any stride, padding, input and kernel
 dilation, ungrouped, unmasked; patches from ``jax.lax.conv_general_dilated_patches``), and ``Embed``
-(``u`` is the one-hot token, so ``u_{at}·u_{bs} = [id_{at} = id_{bs}]``). A layer is covered only if it
+(``u`` is the one-hot token, so ``u_{at}·u_{bs} = [id_{at} = id_{bs}]``); equinox's ``Linear``, ``Conv``
+(1-3d, ungrouped, zero padding) and ``Embedding`` of a model made by ``from_equinox``. A layer is covered only if it
 is called exactly once per sample and its parameters are leaves of ``params`` that no other covered
 layer reads; everything else (LayerNorm scales, shared layers, ``Embed.attend``, custom parameters)
 takes the exact Jacobian contraction of :mod:`ntkcv.ntk.jacobian` for those leaves only. Which leaf
@@ -28,10 +29,10 @@ took which path is logged at DEBUG level on ``logging.getLogger("ntkcv.ntk")``.
 Mechanism: one backward pass per sample and output (vmapped) with respect to zero "probes" added to
 every covered layer's output and to the fallback leaves gives all cotangents ``g`` and fallback
 Jacobians at once; layer inputs are recorded in the same forward pass. Layers are recognised through
-the protocol of :mod:`ntkcv.ntk.interception` (Flax's by :mod:`ntkcv.layers`: linen layers in any
-``apply_fn``, NNX layers of a model made by ``from_nnx``). Like every implementation this assumes
-samples do not interact (BatchNorm in eval mode). A parameter also read outside its layer's call by
-hand (e.g. ``x @ dense.variables['params']['kernel'].T``) is not detected; use ``Embed.attend`` or
+the protocol of :mod:`ntkcv.ntk.interception` (Flax's and equinox's by :mod:`ntkcv.layers`: linen layers
+in any ``apply_fn``, NNX and equinox layers of a model made by ``from_nnx`` or ``from_equinox``). Like every
+implementation this assumes samples do not interact (BatchNorm in eval mode). A parameter also read outside its
+layer's call by hand (e.g. ``x @ dense.variables['params']['kernel'].T``) is not detected; use ``Embed.attend`` or
 share the module.
 
 Parameter groups (:mod:`ntkcv.ntk.groups`): each covered layer's share and each fallback leaf's contraction
@@ -135,8 +136,7 @@ def _sizes(kind, config, roles, inputs, outputs, leaf_shapes):
         d = math.prod(inputs.shape[a] for a in axes)
         h = math.prod(outputs.shape[len(outputs.shape) - n_features :])
     else:
-        kernel = leaf_shapes[roles["kernel"]]
-        d, h = math.prod(kernel[:-1]), kernel[-1]
+        d, h = math.prod(config[0]) * inputs.shape[-1], outputs.shape[-1]
     return math.prod(outputs.shape) // h, d + bias, h
 
 
@@ -194,6 +194,9 @@ def _plan(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | None =
         for i in fallback:
             logger.debug("structured: %s falls back to jacobian (%s)", paths[i],
                          reasons.get(i, "not read by a supported layer"))
+        for key, calls in discovery.calls.items():
+            for why in dict.fromkeys(call for call in calls if isinstance(call, str)):
+                logger.debug("structured: layer %s is not factorised (%s)", key, why)
     return plan
 
 
@@ -418,7 +421,8 @@ def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *,
 
 
 class LayerCoverage(NamedTuple):
-    """A covered layer: its key (``linen/<path>`` or ``nnx/<path>``), kind, leaves and factor sizes."""
+    """A covered layer: its key (``linen/<path>``, ``nnx/<path>`` or ``equinox/<path>``), kind, leaves and factor
+    sizes."""
 
     key: str
     kind: str

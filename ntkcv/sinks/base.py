@@ -11,38 +11,15 @@ Policy for failures: a sink whose backend fails (a full disk, a dead writer thre
 within seconds and without blocking, and its ``close`` still releases what it can. Whoever writes to several
 sinks (:class:`MultiSink`, the monitor) lets every sink have its call before raising the first error.
 
-How to add another sink (MLflow, W&B)
--------------------------------------
+How to add another sink (W&B, say)
+----------------------------------
 Subclass :class:`Sink` and implement its five methods; import the backend's package in your module only.
-A sketch for MLflow (not shipped)::
-
-    import mlflow
-
-    class MLflowSink(Sink):
-        '''Writes scalars and hparams to an MLflow run; drops arrays.'''
-
-        def __init__(self, run_name: str | None = None):
-            self._run = mlflow.start_run(run_name=run_name)
-
-        def write_scalars(self, step, scalars):
-            mlflow.log_metrics({k: float(v) for k, v in scalars.items()}, step=check_step(step))
-
-        def write_arrays(self, step, arrays):
-            pass  # unsupported kind: dropped, as the class docstring says
-
-        def write_hparams(self, hparams, metrics=None):
-            mlflow.log_params(dict(hparams))
-            if metrics:
-                mlflow.log_metrics(dict(metrics))
-
-        def flush(self):
-            pass  # MLflow sends each call immediately
-
-        def close(self):
-            mlflow.end_run()
+:class:`~ntkcv.sinks.mlflow.MLflowSink` (``ntkcv/sinks/mlflow.py``) is a worked example: buffering, a failure
+kept and raised, resuming on an append-only backend. A backend that has a clu / jax-loop-utils ``MetricWriter``
+needs no sink of its own: wrap the writer in :class:`~ntkcv.sinks.metric_writer.MetricWriterSink`.
 
 Test a new sink by writing a few steps and reading them back with the backend's own reader, as
-``tests/sinks`` does for TensorBoard and HDF5.
+``tests/sinks`` does for TensorBoard, HDF5 and MLflow.
 """
 
 from __future__ import annotations
@@ -65,6 +42,27 @@ def check_step(step: int) -> int:
     if step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step}")
     return int(step)
+
+
+#: Arrays whose last name part is one of these become histograms of their log10 (positive entries only): on a linear
+#: scale an NTK spectrum is one spike at zero beside the top eigenvalue.
+LOG_SCALE_ARRAYS = ("spectrum",)
+
+
+def histogram_values(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The finite entries of each array, flattened, for a histogram; a spectrum (``…spectrum``, see
+    :data:`LOG_SCALE_ARRAYS`) becomes ``…spectrum_log10``, the log10 of its positive entries. Arrays with no such
+    entries are left out."""
+    histograms = {}
+    for name, array in arrays.items():
+        values = np.asarray(array, dtype=np.float64).ravel()
+        if name.rsplit("/", 1)[-1] in LOG_SCALE_ARRAYS:
+            values = np.log10(values[values > 0])
+            name = f"{name}_log10"
+        values = values[np.isfinite(values)]
+        if values.size:
+            histograms[name] = values
+    return histograms
 
 
 class Sink(abc.ABC):

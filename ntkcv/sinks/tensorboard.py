@@ -12,7 +12,7 @@ import numpy as np
 import tensorboardX
 from tensorboardX.summary import hparams as hparams_summaries
 
-from ntkcv.sinks.base import Sink, check_step
+from ntkcv.sinks.base import Sink, check_step, histogram_values
 
 #: Charts on the "ntkcv" custom-scalars page: chart title -> regexes of the scalar tags it overlays.
 DEFAULT_LAYOUT: Mapping[str, Sequence[str]] = {
@@ -22,9 +22,6 @@ DEFAULT_LAYOUT: Mapping[str, Sequence[str]] = {
     "kernel velocity": ["^cv/([^/]+/)?kernel_velocity$"],
     "loss": ["^train/loss$", "^train/test_loss$"],
 }
-#: Arrays whose last name part is one of these are histograms of their log10 (positive entries only): on a linear
-#: scale an NTK spectrum is one spike at zero beside the top eigenvalue.
-LOG_SCALE_ARRAYS = ("spectrum",)
 
 
 class TensorBoardSink(Sink):
@@ -104,14 +101,8 @@ class TensorBoardSink(Sink):
 
     def write_arrays(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
         step = self._see(step)
-        for name, array in arrays.items():
-            values = np.asarray(array, dtype=np.float64).ravel()
-            if name.rsplit("/", 1)[-1] in LOG_SCALE_ARRAYS:
-                values = np.log10(values[values > 0])
-                name = f"{name}_log10"
-            values = values[np.isfinite(values)]
-            if values.size:
-                self.writer.add_histogram(name, values, step, bins=self.bins)
+        for name, values in histogram_values(arrays).items():
+            self.writer.add_histogram(name, values, step, bins=self.bins)
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         metrics = dict(metrics or {})

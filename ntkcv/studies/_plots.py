@@ -1,4 +1,5 @@
-"""Matplotlib on the Agg backend (files only, no display), and the scatter panel the correlation studies share."""
+"""Figures written to files through matplotlib's object interface (no pyplot, no backend switch: nothing
+process-wide changes), and the scatter panel the correlation studies share."""
 
 from __future__ import annotations
 
@@ -10,28 +11,19 @@ import numpy as np
 from ntkcv.studies._stats import Estimate
 
 
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` with the Agg backend selected."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def subplots(rows: int, columns: int, *, panel: tuple[float, float], **options: Any) -> tuple[Any, np.ndarray]:
     """A figure of ``rows × columns`` panels of size ``panel`` (inches), laid out by matplotlib's constrained
     layout; the axes as a 2-D array."""
-    return pyplot().subplots(rows, columns, figsize=(panel[0] * columns, panel[1] * rows), squeeze=False,
-                             layout="constrained", **options)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(panel[0] * columns, panel[1] * rows), layout="constrained")
+    return figure, figure.subplots(rows, columns, squeeze=False, **options)
 
 
 def save(figure: Any, path: pathlib.Path) -> pathlib.Path:
-    """Write ``figure`` as a PNG at ``path`` (creating its folder) and close it."""
+    """Write ``figure`` as a PNG at ``path`` (creating its folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    pyplot().close(figure)
     return path
 
 

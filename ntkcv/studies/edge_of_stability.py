@@ -39,7 +39,7 @@ import numpy as np
 
 from ntkcv.studies import _rows
 from ntkcv.studies._findings import Claim, Findings, Table, fmt, verdict
-from ntkcv.studies._plots import pyplot, save, subplots
+from ntkcv.studies._plots import save, subplots
 from ntkcv.studies._stats import finite_mean, mean_ci
 
 #: How close to 2/η the sharpness must come to count as having reached the edge.
@@ -132,12 +132,13 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
     seed over training with 2/η dashed, and the training loss below (needs ``sweep_dir`` with the runs' stores)."""
     if sweep_dir is None:
         return []
+    import matplotlib
+
     from ntkcv.report import read_scalars
 
-    plt = pyplot()
     rates = sorted(_rows.group(rows, lambda r: _rows.setting(r, "optimizer.learning_rate")))
     fig, axes = subplots(2, len(rates), panel=(3.4, 2.4), sharex=True, height_ratios=(2, 1))
-    colours = plt.get_cmap("tab10").colors
+    colours = matplotlib.colormaps["tab10"].colors
     for column, rate in enumerate(rates):
         top, bottom = axes[0, column], axes[1, column]
         members = [r for r in rows if _rows.setting(r, "optimizer.learning_rate") == rate]

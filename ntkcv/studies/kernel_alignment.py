@@ -62,7 +62,7 @@ import numpy as np
 
 from ntkcv.studies import _rows
 from ntkcv.studies._findings import Claim, Findings, Table, fmt, verdict
-from ntkcv.studies._plots import pyplot, save, subplots
+from ntkcv.studies._plots import save, subplots
 from ntkcv.studies._stats import Estimate, finite_mean, mean_ci
 
 TEST = "test.centred_target_alignment"
@@ -310,11 +310,13 @@ def _trajectory_figure(groups: dict[Any, list], out_dir: pathlib.Path, sweep_dir
 
 
 def _drift_figure(groups: dict[Any, list], out_dir: pathlib.Path) -> pathlib.Path:
+    import matplotlib
+
     fig, axes = subplots(1, 1, panel=(4.6, 3.4))
     ax = axes[0, 0]
     for index, key in enumerate(sorted(groups)):
         runs = [_run(r) for r in groups[key] if _rows.status(r) == "complete"]
-        ax.scatter([r["drift"] for r in runs], [r["delta"] for r in runs], s=22, color=pyplot().get_cmap("tab10")(
+        ax.scatter([r["drift"] for r in runs], [r["delta"] for r in runs], s=22, color=matplotlib.colormaps["tab10"](
             index % 10), label=f"{key[2]}, η = {key[3]:g}")
     ax.axhline(0, color="black", lw=0.8)
     ax.set(xlabel="kernel drift ‖Θ_T − Θ_0‖_F / ‖Θ_0‖_F (test probes)", ylabel="ΔA_c (test probes)")

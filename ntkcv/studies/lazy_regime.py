@@ -56,7 +56,7 @@ import numpy as np
 
 from ntkcv.studies import _rows
 from ntkcv.studies._findings import Claim, Findings, Table, Verdict, fmt
-from ntkcv.studies._plots import pyplot, save, subplots
+from ntkcv.studies._plots import save, subplots
 from ntkcv.studies._stats import finite_mean, mean_ci
 from ntkcv.studies.fit import PowerLawFit, exponent_claim, fit_power_law
 
@@ -169,10 +169,12 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
     the predicted catapult window 2 ≤ ηλ₀ ≤ 4 shaded."""
     del sweep_dir
     arms = analyse(rows).values["arms"]
-    plt = pyplot()
+    import matplotlib
+    from matplotlib import ticker
+
     fig, axes = subplots(1, 2, panel=(4.6, 3.6))
     left, right = axes[0]
-    colours = plt.get_cmap("tab10").colors
+    colours = matplotlib.colormaps["tab10"].colors
     for i, arm in enumerate(arms):
         colour = colours[i % len(colours)]
         runs = [r for r in arm["runs"] if math.isfinite(r["kernel_change"]) and r["kernel_change"] > 0]
@@ -208,7 +210,7 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
     widths = sorted({r["width"] for arm in arms for r in arm["runs"]})
     for ax in (left, right):
         ax.set_xticks(widths, [str(w) for w in widths])
-        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
     return [save(fig, out_dir / "lazy_regime.png")]
 
 

@@ -14,10 +14,13 @@ STUDIES: dict[str, tuple[str, ...]] = {
     "time_evolution_authors": ("time_evolution",),
     "weight_spectra": ("weight_spectra", "time_evolution"),
     "data_quality": ("data_quality",),
+    "data_quality_authors": ("data_quality_authors",),
     "rnd_selection": ("rnd_selection",),
+    "rnd_selection_authors": ("rnd_selection_authors",),
     "edge_of_stability": ("edge_of_stability",),
     "lazy_regime": ("lazy_regime",),
     "kernel_alignment": ("kernel_alignment",),
+    "phase_diagram": ("phase_diagram",),
 }
 """Sweep name → the studies (modules of :mod:`ntkcv.studies`) its results answer, the first the main one.
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from ntkcv.studies import _rows
 from ntkcv.studies._findings import Claim, Findings, Table, fmt, verdict
-from ntkcv.studies._plots import pyplot, save, subplots
+from ntkcv.studies._plots import save, subplots
 from ntkcv.studies._stats import finite_mean, mean_ci
 
 CV = "effective_entropy"
@@ -90,7 +90,8 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
     """``time_evolution_regimes.png`` (the regime map: ΔS per network × n, one panel per training setup) and,
     given ``sweep_dir`` with the runs' HDF5 stores, ``time_evolution_trajectories.png`` (S over training, mean
     over the seeds whose runs logged the same steps)."""
-    plt = pyplot()
+    from matplotlib.patches import Rectangle
+
     cells = analyse(rows).values["cells"]
     trainings = list(_rows.group(cells, lambda c: c["training"]))
     sizes = sorted({c["n"] for c in cells}, key=_rows.size_order)
@@ -101,7 +102,7 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
     for ax, training in zip(axes[0], trainings, strict=True):
         for c in (c for c in cells if c["training"] == training):
             x, y = sizes.index(c["n"]), networks.index(c["network"])
-            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, color=_COLOURS[c["regime"]]))
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, color=_COLOURS[c["regime"]]))
             text = "NaN" if c["regime"] == "diverged" and math.isnan(c["delta"].value) else f"{c['delta'].value:+.2f}"
             ax.text(x, y, text, ha="center", va="center", fontsize=8,
                     color="white" if c["regime"] in ("diverged", "fell", "rose") else "black")
@@ -109,7 +110,7 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
                xticklabels=sizes, yticks=range(len(networks)), yticklabels=networks, xlabel="training points n")
         ax.set_title(training.replace(" + ", "\n"), fontsize=9)
     axes[0, 0].set_ylabel("hidden widths")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLOURS[r]) for r in REGIMES[:4]]
+    handles = [Rectangle((0, 0), 1, 1, color=_COLOURS[r]) for r in REGIMES[:4]]
     fig.legend(handles, REGIMES[:4], loc="outside lower center", fontsize=7, ncols=4)
     fig.suptitle("ΔS of the effective NTK entropy over training", fontsize=10)
     paths = [save(fig, out_dir / "time_evolution_regimes.png")]
@@ -119,11 +120,12 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
 
 
 def _trajectories(rows, trainings, sizes, networks, out_dir, sweep_dir) -> list[pathlib.Path]:
+    import matplotlib
+
     from ntkcv.report import read_scalars
 
-    plt = pyplot()
     fig, axes = subplots(len(trainings), len(sizes), panel=(4.0, 3.0), sharey=True)
-    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(networks)))
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(networks)))
     plotted, name = False, f"cv/{_prefix(rows).replace('.', '/')}{CV}"
     for (training, n, network), members in _cells(rows).items():
         curves = []
@@ -142,7 +144,6 @@ def _trajectories(rows, trainings, sizes, networks, out_dir, sweep_dir) -> list[
         ax.set_xscale("symlog", linthresh=1)  # early snapshots are dense: a logarithmic step axis, 0 included
         ax.set_title(f"{training}, n={n}", fontsize=8)
     if not plotted:
-        plt.close(fig)
         return []
     for ax in axes[:, 0]:
         ax.set_ylabel("S / ln n")

@@ -93,7 +93,8 @@ def test_check_step_rejects(step, error):
 def test_lazy_exports():
     import ntkcv.sinks as sinks
 
-    assert set(sinks.__all__) == {"Sink", "MultiSink", "TensorBoardSink", "HDF5Sink", "ConsoleSink"}
+    assert set(sinks.__all__) == {"Sink", "MultiSink", "TensorBoardSink", "HDF5Sink", "ConsoleSink", "MLflowSink",
+                                  "MetricWriterSink"}
     for name in sinks.__all__:
         assert issubclass(getattr(sinks, name), Sink)
     with pytest.raises(AttributeError):
