@@ -22,10 +22,12 @@ PAGES_WITH_EXAMPLES = sorted(path for path in DOCS.rglob("*.md") if "```python" 
 
 # what each page's examples must have computed, beyond running
 CHECKS = {
-    "guide/ntk.md": lambda ns: ns["full"].shape == (8, 8, 10, 10) and ns["op"].dim == 80,
+    "guide/ntk.md": lambda ns: ns["full"].shape == (8, 8, 10, 10) and ns["op"].dim == 80
+    and ns["eqx_kernel"].shape == (16, 16),
     "guide/cvs.md": lambda ns: 0 < ns["cvs"]["entropy"] <= math.log(32),
     "guide/monitor.md": lambda ns: set(ns["monitor"].latest) >= {
-        "cv/test/entropy", "cv/cross/test/train/target_alignment", "cv/train/eigengap"},
+        "cv/test/entropy", "cv/cross/test/train/target_alignment", "cv/train/eigengap"}
+    and [step for step, _ in ns["logged_steps"]] == [0],
     "guide/lenses.md": lambda ns: ns["f_test"].shape == (32, 3) and "curvature/hessian_max" in ns["monitor"].latest,
 }
 
