@@ -43,13 +43,19 @@ def write_selections(sweep_dir: pathlib.Path, selections: list[dict[str, Any]]) 
     return path
 
 
-def annotate(rows: list[dict[str, Any]], sweep_dir: pathlib.Path) -> list[dict[str, Any]]:
-    """``rows`` with ``selection`` (``"rnd"`` or ``"random"``) set from the sweep's ``selections.json``."""
+def read_selections(sweep_dir: pathlib.Path) -> dict[tuple[int, ...], dict[str, Any]]:
+    """The records of the sweep's ``selections.json`` (:func:`write_selections`) by their ``indices``."""
     path = pathlib.Path(sweep_dir) / SELECTIONS
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the rnd_selection experiment writes it with the sweep")
-    method = {tuple(s["indices"]): s["method"] for s in json.loads(path.read_text())}
-    return [{**row, "selection": method.get(_rows.setting(row, "data.indices") or ())} for row in rows]
+        raise FileNotFoundError(f"{path} does not exist: the rnd_selection experiments write it with the sweep")
+    return {tuple(s["indices"]): s for s in json.loads(path.read_text())}
+
+
+def annotate(rows: list[dict[str, Any]], sweep_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """``rows`` with ``selection`` (``"rnd"`` or ``"random"``) set from the sweep's ``selections.json``."""
+    records = read_selections(sweep_dir)
+    return [{**row, "selection": records.get(_rows.setting(row, "data.indices") or (), {}).get("method")}
+            for row in rows]
 
 
 def analyse(rows: list[dict[str, Any]]) -> Findings:
@@ -58,7 +64,7 @@ def analyse(rows: list[dict[str, Any]]) -> Findings:
         raise ValueError("no row is labelled with its selection ('rnd' or 'random'): call annotate(rows, sweep_dir)")
     sizes = []
     for n, members in sorted(_rows.group(rows, _rows.train_size).items(), key=lambda item: _rows.size_order(item[0])):
-        pairs = _pairs(members)
+        pairs = paired(members)
         entry: dict[str, Any] = {"n": n, "pairs": len(pairs)}
         for name, column in _QUANTITIES.items():
             rnd, rand = (np.array([_rows.number(pair[m], column) for pair in pairs]) for m in METHODS)
@@ -105,7 +111,7 @@ def figures(rows: list[dict[str, Any]], out_dir: pathlib.Path, *, sweep_dir: pat
     return [save(fig, pathlib.Path(out_dir) / "rnd_selection.png")]
 
 
-def _pairs(members: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+def paired(members: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
     """Finished runs by seed, keeping the seeds with both an RND and a random run."""
     by_seed: dict[Any, dict[str, dict[str, Any]]] = {}
     for row in members:
