@@ -6,6 +6,7 @@ configuration runs in its own subprocess so that its peak RSS is its own.
 
     python -m benchmarks.cv_scale            # full: full NTK at N=2000 (N·K = 20,000), traced N=1024, 4096
     python -m benchmarks.cv_scale --quick    # a couple of minutes
+    python -m benchmarks.cv_scale --rows full:100000 --matrix-free-only   # 10^6 x 10^6: no dense eigvalsh
 
 Prints a markdown table and writes ``benchmarks/results/cv_scale-<machine>.json``.
 """
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--matvecs", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--matrix-free-only", action="store_true", help="skip the exact (dense eigvalsh) runs")
+    parser.add_argument("--output", help="result JSON (default benchmarks/results/<name>-<machine>.json)")
     parser.add_argument("--child", choices=["exact", "matrix_free"])
     parser.add_argument("--kind", choices=["full", "traced"])
     parser.add_argument("--n", type=int)
@@ -131,7 +134,8 @@ def main() -> None:
         selected = [(kind, int(n)) for kind, n in (item.split(":") for item in args.rows.split(","))]
     name = args.name + ("-quick" if args.quick else "")
     for kind, n in selected:
-        exact = _in_subprocess("exact", kind, n, args.probes, args.matvecs, args.timeout)
+        exact = ({"error": "not run (--matrix-free-only)"} if args.matrix_free_only
+                 else _in_subprocess("exact", kind, n, args.probes, args.matvecs, args.timeout))
         free = _in_subprocess("matrix_free", kind, n, args.probes, args.matvecs, args.timeout)
         row = {"kernel": kind, "n": n, "dim": n * (10 if kind == "full" else 1), "exact": exact, "matrix_free": free}
         if "error" not in exact and "error" not in free:
@@ -147,7 +151,7 @@ def main() -> None:
               f"{fmt(free, 'seconds', '{:.1f}'.format)} | {row.get('relative_error_entropy', float('nan')):.2%} | "
               f"{row.get('speedup', float('nan')):.1f}× | {exact.get('peak_rss_bytes', 0) / 1e9:.2f} | "
               f"{free.get('peak_rss_bytes', 0) / 1e9:.2f} | {row.get('faster', '–')} |", flush=True)
-        path = write_result(name, {"probes": args.probes, "lanczos_steps": args.matvecs, "rows": rows})
+        path = write_result(name, {"probes": args.probes, "lanczos_steps": args.matvecs, "rows": rows}, args.output)
     print(f"\nwrote {path}")
 
 

@@ -41,8 +41,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_result(name: str, payload: dict) -> pathlib.Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{machine_tag()}.json"
+def write_result(name: str, payload: dict, path: str | pathlib.Path | None = None) -> pathlib.Path:
+    """``payload`` with the machine's description, to ``path`` (default ``results/<name>-<machine tag>.json``)."""
+    path = RESULTS / f"{name}-{machine_tag()}.json" if path is None else pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": describe(), **payload}, indent=2))
     return path

@@ -2,6 +2,7 @@
 
     python -m benchmarks.monitor_overhead            # the default run: 1000 steps, NTK every 50 steps
     python -m benchmarks.monitor_overhead --quick    # 300 steps
+    python -m benchmarks.monitor_overhead --modes off,on --caches cold --repeats 1   # the default monitor only
 
 The monitored run computes entropy and trace of the 256-probe output-traced NTK every 50 steps (the
 issue's cadence), in a background thread (``monitor.asynchronous``, the default of ``ntkcv train``) and,
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--child", choices=list(MODES))
     parser.add_argument("--cache", default="", help="(child) compilation cache directory; empty: a fresh one")
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma list of arms (off is always run)")
+    parser.add_argument("--caches", default=",".join(CACHES), help="comma list of compilation caches: cold, warm")
+    parser.add_argument("--output", help="result JSON (default benchmarks/results/monitor_overhead-...json)")
     args = parser.parse_args()
     steps = 300 if args.quick else args.steps
     if args.child:
@@ -132,27 +136,32 @@ def main() -> None:
         return
     from benchmarks.machine import write_result
 
-    runs: dict[str, dict[str, list[dict]]] = {cache: {mode: [] for mode in MODES} for cache in CACHES}
+    modes = ["off", *(mode for mode in MODES if mode != "off" and mode in args.modes.split(","))]
+    selected_caches = [cache for cache in CACHES if cache in args.caches.split(",")]
+    if set(args.modes.split(",")) - set(MODES) or not selected_caches or set(args.caches.split(",")) - set(CACHES):
+        raise ValueError(f"--modes must be a comma list of {', '.join(MODES)} and --caches of {', '.join(CACHES)}, "
+                         f"got {args.modes!r} and {args.caches!r}")
+    runs: dict[str, dict[str, list[dict]]] = {cache: {mode: [] for mode in modes} for cache in selected_caches}
     with tempfile.TemporaryDirectory() as caches:
-        warm = {mode: str(pathlib.Path(caches) / mode) for mode in MODES}
-        for mode in MODES:
+        warm = {mode: str(pathlib.Path(caches) / mode) for mode in modes}
+        for mode in modes if "warm" in runs else ():
             _run(mode, steps, warm[mode])  # fills this mode's cache; not counted
         for repeat in range(args.repeats):
-            for cache in CACHES:  # a cache's arms back to back, in reversed order every other repeat (drift cancels)
-                for mode in list(MODES)[:: 1 if repeat % 2 == 0 else -1]:
+            for cache in runs:  # a cache's arms back to back, in reversed order every other repeat (drift cancels)
+                for mode in modes[:: 1 if repeat % 2 == 0 else -1]:
                     runs[cache][mode].append(_run(mode, steps, warm[mode] if cache == "warm" else ""))
     summary = summarise(runs)
     print(table(summary, runs))
-    for cache in CACHES:
+    for cache in runs:
         for prefix, what in (("", "training loop"), ("whole_", "whole train()")):
             overhead, interval = summary[f"{prefix}overhead"][cache], summary[f"{prefix}overhead_interval"][cache]
+            arms = ", ".join(f"{overhead[mode]:.1%} [{interval[mode][0]:.1%}, {interval[mode][1]:.1%}] {MODES[mode]}"
+                             for mode in modes[1:])
             print(f"overhead of the monitor, {what} ({steps} steps, {cache}; median, 95 % interval of the median): "
-                  f"{overhead['on']:.1%} [{interval['on'][0]:.1%}, {interval['on'][1]:.1%}] asynchronous, "
-                  f"{overhead['sync']:.1%} [{interval['sync'][0]:.1%}, {interval['sync'][1]:.1%}] in the loop, "
-                  f"{overhead['full']:.1%} [{interval['full'][0]:.1%}, {interval['full'][1]:.1%}] everything on")
+                  f"{arms}")
     suffix = "-quick" if args.quick else "" if steps == 1000 else f"-{steps}"
     path = write_result(f"monitor_overhead{suffix}",
-                        {"steps": steps, "repeats": args.repeats, "runs": runs, **summary})
+                        {"steps": steps, "repeats": args.repeats, "runs": runs, **summary}, args.output)
     print(f"wrote {path}")
 
 

@@ -15,12 +15,22 @@ Usage::
         --implementations structured --no-peer
 
 Writes ``benchmarks/results/ntk_speed-<machine>.json`` and prints a markdown table.
+
+With ``--precisions`` (e.g. ``highest,tensorfloat32``) each model, N and mode instead runs in this process, no peer:
+the jitted kernel is timed at each matmul precision, and its block of the first ``--reference-block`` samples is
+compared with the same block computed in float64 (implementation ``jacobian``, under ``jax.enable_x64``): the
+full N x N kernel in float64 would cost as much again, the block's error is that of its entries. Models here also
+include ``resnet18`` (32x32x3 inputs; ``--widths`` shrinks its stages for a smoke run)::
+
+    python -m benchmarks.ntk_speed --models mlp --ns 16384 --modes traced --precisions highest,tensorfloat32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -32,10 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.machine import describe, machine_tag, peak_rss_bytes
-from benchmarks.reference_models import CNN_SPEC, MLP_SPEC, PEER_DIR, PEER_PYTHON, build
+from benchmarks.reference_models import CNN_SPEC, INPUT_SHAPES, MLP_SPEC, PEER_DIR, PEER_PYTHON, RESNET18_SPEC, build
 
 HERE = Path(__file__).resolve().parent
-SPECS = {"mlp": MLP_SPEC, "cnn": CNN_SPEC}
+SPECS = {"mlp": MLP_SPEC, "cnn": CNN_SPEC, "resnet18": RESNET18_SPEC}
 MODES = {"traced": "-1", "full": ""}
 OUTPUTS = 10  # both models have 10 outputs
 
@@ -48,7 +58,7 @@ def write_inputs(workdir: Path, model: str, n: int, seed: int = 0) -> tuple[Path
     spec_path, x_path = workdir / f"{model}.json", workdir / f"{model}-{n}-x.npz"
     p_path = workdir / f"{model}-p.npz"
     spec_path.write_text(json.dumps(SPECS[model]))
-    x = np.asarray(jax.random.normal(jax.random.key(seed + 1), (n, 28, 28, 1)), np.float32)
+    x = np.asarray(jax.random.normal(jax.random.key(seed + 1), (n, *INPUT_SHAPES[model])), np.float32)
     np.savez(x_path, x=x)
     if not p_path.exists():
         variables = build(SPECS[model]).init(jax.random.key(seed), x[:1])
@@ -128,6 +138,115 @@ def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
+# --------------------------------------------------------------------------- one model at several matmul precisions
+
+
+class _AutoChoices(logging.Handler):
+    """Collects the implementations ``ntk_fn(implementation="auto")`` picks (its debug log, at trace time)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.picked: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("auto implementation"):
+            self.picked.append(record.args[0])
+
+
+@contextlib.contextmanager
+def _auto_choices():
+    logger, handler = logging.getLogger("ntkcv.ntk"), _AutoChoices()
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield handler.picked
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def precision_row(spec: dict, n: int, *, mode: str, implementation: str, precisions: list[str], reference_block: int,
+                  reps: int, on_partial=None) -> dict:
+    """Median seconds (and first call, compilation included) of ``ntk_fn(..., precision=p)`` on N inputs for each
+    matmul precision p, the implementation it ran, and each kernel's ``relative_difference`` from the float64 kernel
+    (implementation ``jacobian``) on the block of the first ``reference_block`` samples (0: none).
+    ``on_partial(row)`` is called once the timings are in, before the float64 reference."""
+    import jax
+    import jax.numpy as jnp
+
+    import ntkcv
+
+    module = build(spec)
+    x = jax.random.normal(jax.random.key(1), (n, *INPUT_SHAPES[spec["kind"]]))
+    variables = module.init(jax.random.key(0), x[:1])
+    trace_axes = tuple(int(t) for t in MODES[mode].split(",") if t.strip())
+    block = min(reference_block, n)
+    row = {"model": spec["kind"], "spec": spec, "n": n, "mode": mode, "implementation": implementation,
+           "reference": {"block": block, "dtype": "float64", "implementation": "jacobian"}, "precisions": {}}
+    blocks, model = {}, ntkcv.from_linen(module, variables)
+    for precision in precisions:
+        kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation=implementation,
+                                 precision=precision)
+        with _auto_choices() as picked:
+            start = time.perf_counter()
+            kernel = jax.block_until_ready(kernel_fn(model.params, x))
+            first = time.perf_counter() - start
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            kernel = jax.block_until_ready(kernel_fn(model.params, x))
+            times.append(time.perf_counter() - start)
+        blocks[precision] = np.asarray(kernel[:block, :block], np.float64)
+        del kernel
+        row["precisions"][precision] = {"seconds": statistics.median(times), "first_call_seconds": first,
+                                        "implementation": picked[0] if picked else implementation}
+        print(f"{spec['kind']} N={n} {mode} {precision}: {_cell(row['precisions'][precision] | {'status': 'ok'})} "
+              f"({row['precisions'][precision]['implementation']})", file=sys.stderr, flush=True)
+    row["peak_rss_mb"] = peak_rss_bytes() / 2**20
+    if block == 0:
+        return row
+    if on_partial is not None:
+        on_partial(row)
+    start = time.perf_counter()
+    with jax.enable_x64(True):
+        model = ntkcv.from_linen(module, jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables))
+        kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="jacobian")
+        reference = np.asarray(kernel_fn(model.params, jnp.asarray(x[:block], jnp.float64)))
+    row["reference"]["seconds"] = time.perf_counter() - start
+    for precision, kernel in blocks.items():
+        row["precisions"][precision]["max_rel_error_vs_float64"] = relative_difference(kernel, reference)
+    return row
+
+
+def precision_rows(args) -> None:
+    """``--precisions``: :func:`precision_row` for each model, N and mode; the JSON is rewritten after each step."""
+    from benchmarks.machine import write_result
+
+    implementation = args.implementations or "auto"
+    if "," in implementation:
+        raise ValueError(f"--implementations takes one implementation with --precisions, got {implementation!r}")
+    rows, name = [], f"ntk_speed-precision-{args.models.replace(',', '-')}"
+    save = lambda partial=None: write_result(  # noqa: E731
+        name, {"command": " ".join(sys.argv), "rows": rows + ([partial] if partial else [])}, args.output)
+    for model in args.models.split(","):
+        spec = dict(SPECS[model])
+        if args.widths and model == "resnet18":
+            spec["widths"] = [int(w) for w in args.widths.split(",")]
+        for n in [int(v) for v in args.ns.split(",")]:
+            for mode in args.modes.split(","):
+                rows.append(precision_row(spec, n, mode=mode, implementation=implementation,
+                                          precisions=args.precisions.split(","), reference_block=args.reference_block,
+                                          reps=args.reps, on_partial=save))
+                path = save()
+    for row in rows:
+        for precision, result in row["precisions"].items():
+            error = result.get("max_rel_error_vs_float64")
+            print(f"| {row['model']} | {row['mode']} | {row['n']} | {precision} | {result['implementation']} | "
+                  f"{_cell(result | {'status': 'ok'})} | {'-' if error is None else f'{error:.1e}'} |")
+    print(f"\nwritten to {path}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -144,6 +263,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before 'timeout'")
     parser.add_argument("--output", default=None, help="result JSON (default benchmarks/results/...)")
+    parser.add_argument("--precisions", default=None,
+                        help="matmul precisions, e.g. highest,tensorfloat32: time each in this process (see above)")
+    parser.add_argument("--reference-block", type=int, default=1024,
+                        help="with --precisions: samples in the float64 reference block (0: none)")
+    parser.add_argument("--widths", default=None, help="with --precisions: resnet18 stage widths (default 64,...,512)")
     # child mode (one ntkcv run in its own process)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--implementation", "--spec", "--inputs", "--params", "--trace-axes", "--out"):
@@ -151,6 +275,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.precisions:
+        return precision_rows(args)
 
     import ntkcv
 

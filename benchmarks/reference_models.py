@@ -1,5 +1,6 @@
 """The reference MLP and CNN of the NTK benchmarks, built exactly like the peer's specs
-(``../shared/peer/nt_kernel.py``: same modules, same parameter names), and the peer runner."""
+(``../shared/peer/nt_kernel.py``: same modules, same parameter names), the peer runner, and a CIFAR-shaped
+ResNet-18 (no peer counterpart)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from flax.traverse_util import flatten_dict
 
 MLP_SPEC = {"kind": "mlp", "features": [512, 512, 512, 10], "activation": "tanh"}
 CNN_SPEC = {"kind": "cnn", "conv": [32, 64], "kernel": [3, 3], "pool": 2, "dense": [128, 10], "activation": "relu"}
+RESNET18_SPEC = {"kind": "resnet18", "widths": [64, 128, 256, 512], "classes": 10}
+#: each model's input shape, one sample
+INPUT_SHAPES = {"mlp": (28, 28, 1), "cnn": (28, 28, 1), "resnet18": (32, 32, 3)}
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
 PEER_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "peer"
 PEER_PYTHON = pathlib.Path(os.environ.get("NTKCV_PEER_VENV", pathlib.Path.home() / ".cache/ntkcv-peer")) / "bin/python"
@@ -56,9 +60,44 @@ class CNN(nn.Module):
         return x
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual connection (a 1x1 projection where the shape changes)."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        norm = lambda: nn.BatchNorm(use_running_average=True)  # noqa: E731  (eval mode: samples independent)
+        y = nn.relu(norm()(nn.Conv(self.features, (3, 3), self.stride, use_bias=False)(x)))
+        y = norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = norm()(nn.Conv(self.features, (1, 1), self.stride, use_bias=False)(x))
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 images (He et al. 2016, the CIFAR stem: one 3x3 convolution, no max-pool): four
+    stages of two basic blocks of ``widths`` channels, strides 1, 2, 2, 2, global average pool, dense
+    ``classes``; BatchNorm in eval mode (running averages), so each sample's output depends on it alone."""
+
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)))
+        for stage, width in enumerate(self.widths):
+            x = BasicBlock(width, 1 if stage == 0 else 2)(x)
+            x = BasicBlock(width)(x)
+        return nn.Dense(self.classes)(x.mean(axis=(1, 2)))
+
+
 def build(spec: dict) -> nn.Module:
     if spec["kind"] == "mlp":
         return MLP(tuple(spec["features"]), spec["activation"])
+    if spec["kind"] == "resnet18":
+        return ResNet18(tuple(spec["widths"]), spec["classes"])
     return CNN(tuple(spec["conv"]), tuple(spec["kernel"]), spec["pool"], tuple(spec["dense"]), spec["activation"])
 
 
