@@ -58,16 +58,32 @@ def annotate(rows: list[dict[str, Any]], sweep_dir: pathlib.Path) -> list[dict[s
             for row in rows]
 
 
-def analyse(rows: list[dict[str, Any]]) -> Findings:
-    """Paired RND − random differences of the initial CVs and the final test accuracy per size."""
+def paired_sizes(rows: list[dict[str, Any]], quantities: dict[str, str]
+                 ) -> list[tuple[int | str, list[dict[str, dict[str, Any]]], dict[str, dict[str, np.ndarray]]]]:
+    """Per training-set size, ascending: the size, its seed pairs (:func:`paired`) and, for each ``name: column`` of
+    ``quantities``, the column's values per method over the pairs (``values[name]["rnd"]``, in pair order).
+
+    Raises:
+      ValueError: no row is labelled with its selection (:func:`annotate` not called).
+    """
     if not any(row.get("selection") in METHODS for row in rows):
         raise ValueError("no row is labelled with its selection ('rnd' or 'random'): call annotate(rows, sweep_dir)")
     sizes = []
     for n, members in sorted(_rows.group(rows, _rows.train_size).items(), key=lambda item: _rows.size_order(item[0])):
         pairs = paired(members)
+        values = {name: {method: np.array([_rows.number(pair[method], column) for pair in pairs]) for method in METHODS}
+                  for name, column in quantities.items()}
+        sizes.append((n, pairs, values))
+    return sizes
+
+
+def analyse(rows: list[dict[str, Any]]) -> Findings:
+    """Paired RND − random differences of the initial CVs and the final test accuracy per size."""
+    sizes = []
+    for n, pairs, values in paired_sizes(rows, _QUANTITIES):
         entry: dict[str, Any] = {"n": n, "pairs": len(pairs)}
-        for name, column in _QUANTITIES.items():
-            rnd, rand = (np.array([_rows.number(pair[m], column) for pair in pairs]) for m in METHODS)
+        for name, by_method in values.items():
+            rnd, rand = by_method["rnd"], by_method["random"]
             entry |= {f"{name}_rnd": finite_mean(rnd), f"{name}_random": finite_mean(rand),
                       f"{name}_difference": mean_ci(rnd - rand)}
         sizes.append(entry)

@@ -38,7 +38,7 @@ from ntkcv.studies import _rows
 from ntkcv.studies._findings import Claim, Findings, Table, sign_claim
 from ntkcv.studies._plots import save, subplots
 from ntkcv.studies._stats import Estimate, mean_ci, spearman_ci
-from ntkcv.studies.rnd_selection import METHODS, paired, read_selections
+from ntkcv.studies.rnd_selection import METHODS, paired, paired_sizes, read_selections
 
 QUANTITIES = {"target_entropy": "target_entropy", "best_accuracy": "train.test_accuracy.max",
               "final_accuracy": "train.test_accuracy.final", "classes": "classes", "class_entropy": "class_entropy",
@@ -108,17 +108,13 @@ def annotate(rows: list[dict[str, Any]], sweep_dir: pathlib.Path) -> list[dict[s
 def analyse(rows: list[dict[str, Any]]) -> Findings:
     """Per size: each quantity's mean, SE and interval for both methods, the paired differences, the draft's numbers
     beside ours, and verdicts on the draft's claims."""
-    if not any(row.get("selection") in METHODS for row in rows):
-        raise ValueError("no row is labelled with its selection ('rnd' or 'random'): call annotate(rows, sweep_dir)")
     sizes = []
-    for n, members in sorted(_rows.group(rows, _rows.train_size).items(), key=lambda item: _rows.size_order(item[0])):
-        pairs = paired(members)
+    for n, pairs, values in paired_sizes(rows, QUANTITIES):
         entry: dict[str, Any] = {"n": n, "pairs": len(pairs)}
-        for name, column in QUANTITIES.items():
-            values = {method: np.array([_rows.number(pair[method], column) for pair in pairs]) for method in METHODS}
+        for name, by_method in values.items():
             for method in METHODS:
-                entry |= {f"{name}_{method}": mean_ci(values[method]), f"{name}_{method}_se": _se(values[method])}
-            entry[f"{name}_difference"] = mean_ci(values["rnd"] - values["random"])
+                entry |= {f"{name}_{method}": mean_ci(by_method[method]), f"{name}_{method}_se": _se(by_method[method])}
+            entry[f"{name}_difference"] = mean_ci(by_method["rnd"] - by_method["random"])
         for method in METHODS:
             entry[f"curve_best_{method}"], entry[f"curve_best_{method}_se"] = _best_of_mean(
                 [pair[method][CURVE] for pair in pairs if CURVE in pair[method]])
