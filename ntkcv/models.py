@@ -39,8 +39,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import PyTree
 
-ApplyFn = Callable[[Any, jax.Array], Any]
+from ntkcv.ntk.layout import ApplyFn
 
 # Called by ``from_nnx``'s ``apply_fn`` with the freshly merged module just before it is applied, when set.
 # Lets the structured NTK's layer recognition (``ntkcv.layers``) observe or wrap the module's layers inside a
@@ -59,17 +60,17 @@ class Model(NamedTuple):
     """A model as the NTK sees it: ``apply_fn(params, x)`` and the ``params`` to differentiate."""
 
     apply_fn: ApplyFn
-    params: Any
+    params: PyTree
 
 
-def from_function(apply_fn: ApplyFn, params: Any) -> Model:
+def from_function(apply_fn: ApplyFn, params: PyTree) -> Model:
     """A plain function ``apply_fn(params, x)``; every array leaf of ``params`` is differentiated."""
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
     return Model(apply_fn, params)
 
 
-def from_linen(module: Any, variables: Any, *, method: str | Callable | None = None, **apply_kwargs: Any) -> Model:
+def from_linen(module: Any, variables: PyTree, *, method: str | Callable | None = None, **apply_kwargs: Any) -> Model:
     """A ``flax.linen.Module`` with its variables.
 
     ``variables['params']`` is differentiated; every other collection (``batch_stats``, …) is held

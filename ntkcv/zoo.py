@@ -106,7 +106,8 @@ class CNN(nn.Module):
         act = ACTIVATIONS[self.activation]
         for c in self.channels:
             x = act(nn.Conv(c, (3, 3), padding="SAME")(x))
-            x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+            # nn.avg_pool divides the window sums by a NumPy integer, which strict dtype promotion refuses
+            x = nn.pool(x, 0.0, jax.lax.add, (2, 2), (2, 2), "VALID") / 4
         x = x.reshape((x.shape[0], -1))
         for width in self.widths:
             x = act(nn.Dense(width)(x))
@@ -172,7 +173,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"transformer expects (N, H, W, C), (N, T, F) or (N, F) inputs, got {x.shape}")
             tokens = nn.Dense(self.dim)(x)
         position = self.param("pos_embedding", nn.initializers.normal(0.02), tokens.shape[1:])
-        x = tokens + position
+        x = tokens + position[None]
         for _ in range(self.depth):
             x = TransformerBlock(self.dim, self.heads, self.mlp_ratio, self.activation)(x)
         x = nn.LayerNorm()(x).mean(axis=1)

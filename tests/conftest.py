@@ -6,6 +6,29 @@ import sys
 import jax
 import pytest
 
+# As in equinox's tests: no implicit float32/float64 or int/float mixes and no broadcasting over missing leading axes
+# (write ``b[None]``), so the library works under the strictest settings a user may choose.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "standard_dtype_promotion: run with JAX's standard dtype promotion, for third-party code that "
+        "strict promotion refuses (optax's Adam raises a Python float to an int32 step count; flax's avg_pool "
+        "divides by a NumPy integer)")
+
+
+@pytest.fixture(autouse=True)
+def _standard_dtype_promotion_where_marked(request):
+    """Tests marked ``standard_dtype_promotion`` run with JAX's standard dtype promotion (rank promotion still
+    raises)."""
+    if request.node.get_closest_marker("standard_dtype_promotion") is None:
+        yield
+    else:
+        with jax.numpy_dtype_promotion("standard"):
+            yield
+
 
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):

@@ -149,6 +149,7 @@ def test_both_launchers_exit_with_mains_status(tmp_path, launcher):
     assert not run_dir.exists()
 
 
+@pytest.mark.standard_dtype_promotion
 def test_regression_runs_record_the_target_alignments(tmp_path, capsys):
     """Kernel-target alignment is defined for real targets: a regression run records it (with the output axis
     kept) instead of dropping it."""

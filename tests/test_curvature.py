@@ -20,7 +20,7 @@ def _float64():
 
 
 def apply_fn(params, x):
-    return jnp.tanh(x @ params["w"] + params["b"]) @ params["v"] + params["c"]
+    return jnp.tanh(x @ params["w"] + params["b"][None]) @ params["v"] + params["c"][None]
 
 
 @pytest.fixture

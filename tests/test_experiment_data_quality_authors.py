@@ -135,6 +135,7 @@ def test_full_sweep_is_the_authors_protocol_with_the_documented_size():
         assert config.train.eval_every >= config.train.steps and config.monitor.every_steps >= config.train.steps
 
 
+@pytest.mark.standard_dtype_promotion
 def test_data_seed_fixes_the_data_while_train_seed_varies_the_network(tmp_path):
     """The initial trace of train.seed 3's network on the subset of data.seed 0's split, against the NTK built
     here in float64 from that data and that initialisation."""

@@ -7,6 +7,7 @@ from ntkcv.studies import lazy_regime as study
 from ntkcv.sweep import expand, load_sweep, read_table
 
 
+@pytest.mark.standard_dtype_promotion
 def test_lazy_regime_quick(tmp_path, capsys):
     """Widths 64 and 512, one seed, 100 steps, three arms: the lazy arm's kernel change falls with width, the
     catapult arm's does not, and each NTK-parameterised run is in the regime its step size was chosen for."""

@@ -19,6 +19,8 @@ from ntkcv.selection import random_select, rnd_networks
 from ntkcv.studies import rnd_selection_authors as study
 from ntkcv.sweep import expand, load_sweep, read_table
 
+pytestmark = pytest.mark.standard_dtype_promotion  # the RND predictor trains with optax's Adam
+
 
 def _dense_effective_cosine_entropy(apply_fn, params, x, chunk=64):
     """S/ln n of Θ̂ = Θ_ij / √(Θ_ii Θ_jj), Θ = Σ_k J_k J_kᵀ from float64 dense Jacobians (``chunk`` outputs at a

@@ -76,6 +76,7 @@ def test_data_quality_quick(tmp_path):
     assert (tmp_path / "figures" / "data_quality_scatter.png").stat().st_size > 5000
 
 
+@pytest.mark.standard_dtype_promotion
 def test_rnd_selection_quick(tmp_path):
     assert rnd_selection.main(["--quick", "--dir", str(tmp_path), "--workers", "2"]) == 0
     selections = json.loads((tmp_path / "selections.json").read_text())
@@ -149,6 +150,7 @@ def test_full_configs_parse_with_the_documented_size(study, runs):
     assert len(expand(load_sweep(_common.CONFIGS / f"{study}.yaml"))) == runs  # rnd: grid points, 2 runs each
 
 
+@pytest.mark.standard_dtype_promotion
 def test_probe_set_train_builds_the_ntk_on_the_training_set(tmp_path):
     config = load_config(None, {"data.train_size": 20, "data.probe_set": "train", "model.widths": [16],
                                 "train.steps": 3, "train.batch_size": 20, "monitor.every_steps": 1,

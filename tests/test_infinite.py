@@ -148,7 +148,7 @@ class NTKParameterisedMLP(nn.Module):
             x = x if layer == 0 else nn.relu(x)
             scaled = self.weight_std / math.sqrt(x.shape[-1]) * x
             x = nn.Dense(width, use_bias=False, kernel_init=nn.initializers.normal(1.0))(scaled)
-            x = x + self.bias_std * self.param(f"bias_{layer}", nn.initializers.normal(1.0), (width,))
+            x = x + self.bias_std * self.param(f"bias_{layer}", nn.initializers.normal(1.0), (width,))[None]
         return x
 
 

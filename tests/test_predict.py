@@ -187,7 +187,7 @@ def wide_network():
               "v": jax.random.normal(keys[2], (width, num_outputs))}
 
     def apply_fn(p, x):
-        return jnp.tanh(x @ p["w"] / np.sqrt(dim) + p["b"]) @ p["v"] / np.sqrt(width)
+        return jnp.tanh(x @ p["w"] / np.sqrt(dim) + p["b"][None]) @ p["v"] / np.sqrt(width)
 
     x = jax.random.normal(keys[3], (num_train + num_test, dim))
     x_train, x_test = x[:num_train], x[num_train:]

@@ -57,7 +57,7 @@ def test_key_changes_with_the_model_its_constants_shapes_and_settings():
     assert key != key_of(model, ({"v": PARAMS["v"], "w": PARAMS["w"][None]}, X[None]), {"cvs": ("entropy",)})
     assert key != program_key(model, (PARAMS, X), (PARAMS, X, X), {"cvs": ("entropy",)})  # more arguments
     shift = [np.zeros(4, np.float32), np.ones(4, np.float32)]  # closed-over constants with equal shapes
-    keys = {key_of(lambda p, x, s=s: jnp.tanh(x @ p["w"] + s) @ p["v"], (PARAMS, X), {}) for s in shift}
+    keys = {key_of(lambda p, x, s=s: jnp.tanh(x @ p["w"] + s[None]) @ p["v"], (PARAMS, X), {}) for s in shift}
     assert len(keys) == 2
 
 

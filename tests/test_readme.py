@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 from ntkcv.report import read_scalars
 
@@ -26,6 +27,7 @@ def run_python_examples(path: pathlib.Path) -> dict:
     return namespace
 
 
+@pytest.mark.standard_dtype_promotion
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example writes runs/
     namespace = run_python_examples(README)

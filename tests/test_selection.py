@@ -11,6 +11,8 @@ import pytest
 from ntkcv.selection import random_select, rnd_networks, rnd_select
 from ntkcv.zoo import CNN
 
+pytestmark = pytest.mark.standard_dtype_promotion  # the RND predictor trains with optax's Adam
+
 
 @pytest.fixture(scope="module")
 def cluster_and_outliers():

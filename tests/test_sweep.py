@@ -213,6 +213,7 @@ def test_diverged_and_failed_runs_stay_in_the_table(tmp_path):
     assert [row["run_id"] for row in read_table(table)] == [diverged["run_id"], failed["run_id"]]
 
 
+@pytest.mark.standard_dtype_promotion
 def test_sigkill_midway_then_rerun_has_every_run_once(tmp_path, capsys):
     spec = {"name": "killed", "base": {**TINY, "train": {**TINY["train"], "steps": 40}},
             "grid": {"train.seed": [0, 1, 2]}}

@@ -35,6 +35,7 @@ def _event_steps(logdir: pathlib.Path, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
+@pytest.mark.standard_dtype_promotion
 def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
     config = load_config(None, {**SMALL, **DEFAULT_MONITOR, "train.steps": 40, "output.checkpoint_every": 15,
                                 "output.dir": str(tmp_path / "run")})
@@ -69,6 +70,7 @@ def test_short_run_writes_tensorboard_hdf5_and_report(tmp_path):
     assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("ntkcv-monitor")]
 
 
+@pytest.mark.standard_dtype_promotion
 def test_sigkill_then_resume_has_no_duplicate_or_missing_step(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "ntkcv.cli", "train"]
@@ -146,6 +148,7 @@ def test_a_rerun_loads_every_program_from_the_compilation_cache(tmp_path):
     assert stored[1] == stored[0]  # the monitor's program was loaded, not traced and stored again
 
 
+@pytest.mark.standard_dtype_promotion
 def test_mlflow_holds_the_steps_of_the_hdf5_store_also_after_a_resume(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("sqlalchemy")
@@ -191,6 +194,7 @@ def _logged_steps(run_dir: pathlib.Path, tag: str) -> tuple[list[int], list[int]
     return list(read_scalars(run_dir / "ntkcv.h5")[tag][0]), sorted(_event_steps(run_dir / "tensorboard", tag))
 
 
+@pytest.mark.standard_dtype_promotion
 def test_a_rerun_without_resume_is_refused_even_without_checkpoints_and_changes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     config = load_config(None, {**SMALL, "train.steps": 20, "output.dir": str(run_dir)})
@@ -207,6 +211,7 @@ def test_a_rerun_without_resume_is_refused_even_without_checkpoints_and_changes_
     assert not (run_dir / "ntkcv.lock").exists()
 
 
+@pytest.mark.standard_dtype_promotion
 def test_resume_keeps_the_config_and_falls_back_to_the_newest_checkpoint_that_restores(tmp_path):
     run_dir = tmp_path / "run"
     overrides = {**SMALL, "train.steps": 40, "output.checkpoint_every": 15, "output.dir": str(run_dir)}
@@ -282,6 +287,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_refused_without_resume_and_
     assert _logged_steps(run_dir, "cv/entropy") == ([*range(0, 2000, 10), 1999], [*range(0, 2000, 10), 1999])
 
 
+@pytest.mark.standard_dtype_promotion
 def test_train_leaves_jax_config_and_the_blas_threads_as_it_found_them(tmp_path, monkeypatch):
     import jax
 

@@ -63,7 +63,7 @@ def test_ntk_parameterisation_is_plain_dense_layers_the_structured_kernel_covers
     h = x.reshape(len(x), -1)
     for i in range(3):
         layer = params[f"Dense_{i}"]
-        h = NTK_WEIGHT_STD / math.sqrt(h.shape[-1]) * h @ layer["kernel"] + NTK_BIAS_STD * layer["bias"]
+        h = NTK_WEIGHT_STD / math.sqrt(h.shape[-1]) * h @ layer["kernel"] + NTK_BIAS_STD * layer["bias"][None]
         h = jnp.tanh(h) if i < 2 else h
     np.testing.assert_allclose(apply_fn(params, x), h, rtol=1e-5, atol=1e-5)
     f = canonical_fn(apply_fn, output_layout(apply_fn, params, x, (-1,)))
@@ -83,9 +83,9 @@ def test_standard_parameterisation_is_the_default_and_unchanged():
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, {f"Dense_{i}": reference_params[f"layers_{2 * i}"]
                                                                        for i in range(2)})
     assert float(jnp.abs(params["Dense_0"]["bias"]).max()) == 0  # Flax's zero biases
-    hidden = jnp.tanh(flat @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    hidden = jnp.tanh(flat @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"][None])
     np.testing.assert_allclose(module.apply({"params": params}, x),
-                               hidden @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"], rtol=1e-6)
+                               hidden @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"][None], rtol=1e-6)
 
 
 def test_bad_parameterisations_are_errors_naming_the_option():
@@ -100,6 +100,7 @@ def test_bad_parameterisations_are_errors_naming_the_option():
     assert load_config(None, {}).model.parameterization == "standard"
 
 
+@pytest.mark.standard_dtype_promotion
 def test_a_run_in_the_ntk_parameterisation_starts_near_its_infinite_width_kernel(tmp_path):
     """``model.parameterization: ntk`` reaches the model (a standard network is 0.3 away at this width: README), and
     ``monitor.infinite_width`` compares it with the NTK-parameterised limit."""

@@ -1,10 +1,11 @@
 """Collective variables of an NTK: pure, ``jit``-able functions from a kernel to scalars or arrays.
 
-Dense CVs take a kernel (``(N, N)``, ``(N·K, N·K)`` or ``(N, N, K, K)``); :func:`collective_variables`
+Dense CVs take a :data:`Kernel` (``(N, N)``, ``(N·K, N·K)`` or ``(N, N, K, K)``); :func:`collective_variables`
 computes any set of them in one pass. The estimators take a matrix-vector product instead, and
 :func:`weight_spectra` needs only the parameters.
 """
 
+from ntkcv.cv._kernel import Kernel
 from ntkcv.cv.alignment import centred_target_alignment, cross_target_alignment, target_alignment, target_kernel
 from ntkcv.cv.classwise import classwise_entropy, classwise_trace
 from ntkcv.cv.collect import AVAILABLE, collective_variables
@@ -51,6 +52,7 @@ from ntkcv.cv.weights import (
 __all__ = [
     "AVAILABLE",
     "Estimate",
+    "Kernel",
     "LayerSpectrum",
     "PowerLawFit",
     "WeightLayer",

@@ -1,4 +1,5 @@
-"""Private helpers shared by the collective variables: kernel shapes, eigenvalues and runtime warnings."""
+"""The kernel type of the collective variables, and private helpers they share: kernel shapes, eigenvalues and
+runtime warnings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
+
+Kernel = Float[Array, "n n"] | Float[Array, "N N K K"]
+"""A kernel as the collective variables take it: traced ``(N, N)``, full ``(N·K, N·K)`` (rows ordered ``(sample,
+output)``, ``n = N·K``) or 4-D ``(N, N, K, K)``, which is read as ``(N·K, N·K)``."""
 
 
 def as_matrix(kernel: jax.Array, name: str = "kernel", *, warn: bool = True) -> jax.Array:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Real
 
-from ntkcv.cv._kernel import as_matrix
+from ntkcv.cv._kernel import Kernel, as_matrix
 
 __all__ = ["centred_target_alignment", "cross_target_alignment", "target_alignment", "target_kernel"]
 
 
-def target_alignment(kernel: jax.Array, targets: jax.Array) -> jax.Array:
+def target_alignment(kernel: Kernel, targets: Real[Array, " N"] | Real[Array, "N C"]) -> Float[Array, ""]:
     r"""Kernel–target alignment, the cosine between Θ and the target kernel :math:`T = YY^⊤`.
 
     .. math::
@@ -31,7 +32,7 @@ def target_alignment(kernel: jax.Array, targets: jax.Array) -> jax.Array:
     return target_alignment_of(matrix, target_kernel(targets, matrix.shape[0]))
 
 
-def centred_target_alignment(kernel: jax.Array, targets: jax.Array) -> jax.Array:
+def centred_target_alignment(kernel: Kernel, targets: Real[Array, " N"] | Real[Array, "N C"]) -> Float[Array, ""]:
     r"""Centred kernel–target alignment (Cortes, Mohri & Rostamizadeh 2012).
 
     .. math::
@@ -48,7 +49,11 @@ def centred_target_alignment(kernel: jax.Array, targets: jax.Array) -> jax.Array
     return centred_target_alignment_of(matrix, target_kernel(targets, matrix.shape[0]))
 
 
-def cross_target_alignment(kernel: jax.Array, targets_a: jax.Array, targets_b: jax.Array) -> jax.Array:
+def cross_target_alignment(
+    kernel: Float[Array, "Na Nb"],
+    targets_a: Real[Array, " Na"] | Real[Array, "Na C"],
+    targets_b: Real[Array, " Nb"] | Real[Array, "Nb C"],
+) -> Float[Array, ""]:
     r"""Alignment of a traced cross kernel :math:`Θ_{ab}` ``(N_a, N_b)`` (e.g. test × train) with the targets.
 
     .. math::
@@ -69,7 +74,7 @@ def cross_target_alignment(kernel: jax.Array, targets_a: jax.Array, targets_b: j
     return target_alignment_of(kernel, target)
 
 
-def target_kernel(targets: jax.Array, n: int) -> jax.Array:
+def target_kernel(targets: Real[Array, " N"] | Real[Array, "N C"], n: int) -> Float[Array, "n n"]:
     """The ``(n, n)`` target kernel :math:`YY^⊤` for a kernel of matrix size ``n`` (see module doc)."""
     targets = jnp.asarray(targets)
     num = targets.shape[0] if targets.ndim else 0

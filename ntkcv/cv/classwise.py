@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
-from ntkcv.cv._kernel import as_matrix, symmetric_eigvalsh
+from ntkcv.cv._kernel import Kernel, as_matrix, symmetric_eigvalsh
 from ntkcv.cv.spectral import entropy_of
 
 __all__ = ["classwise_entropy", "classwise_trace"]
 
 
-def classwise_entropy(kernel: jax.Array, labels: jax.Array, *, num_classes: int) -> jax.Array:
+def classwise_entropy(kernel: Kernel, labels: Int[Array, " N"], *, num_classes: int) -> Float[Array, " num_classes"]:
     r"""Von Neumann entropy :math:`S(Θ_{cc})` of each class block, shape ``(num_classes,)``.
 
     Conventions as in :func:`ntkcv.cv.entropy`; a class absent from ``labels`` gives NaN.
@@ -27,7 +28,7 @@ def classwise_entropy(kernel: jax.Array, labels: jax.Array, *, num_classes: int)
     return classwise_entropy_of(matrix, class_masks(labels, num_classes, matrix.shape[0]))
 
 
-def classwise_trace(kernel: jax.Array, labels: jax.Array, *, num_classes: int) -> jax.Array:
+def classwise_trace(kernel: Kernel, labels: Int[Array, " N"], *, num_classes: int) -> Float[Array, " num_classes"]:
     r"""Trace :math:`\operatorname{tr} Θ_{cc}` of each class block, shape ``(num_classes,)``; 0 if absent."""
     matrix = as_matrix(kernel)
     return classwise_trace_of(matrix, class_masks(labels, num_classes, matrix.shape[0]))
@@ -43,7 +44,7 @@ def class_masks(labels: jax.Array, num_classes: int, n: int) -> jax.Array:
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes}.")
     rows = jnp.repeat(labels, n // labels.shape[0])
-    return rows[None, :] == jnp.arange(num_classes)[:, None]
+    return rows[None, :] == jnp.arange(num_classes, dtype=labels.dtype)[:, None]
 
 
 def classwise_trace_of(matrix: jax.Array, masks: jax.Array) -> jax.Array:

@@ -8,9 +8,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Real
 
 from ntkcv.cv import alignment, classwise, drift, normalised, spectral
-from ntkcv.cv._kernel import as_matrix, symmetric_eigh, symmetric_eigvalsh
+from ntkcv.cv._kernel import Kernel, as_matrix, symmetric_eigh, symmetric_eigvalsh
 
 __all__ = ["AVAILABLE", "collective_variables"]
 
@@ -69,16 +70,16 @@ _VECTOR_CVS = ("top_eigenvalues", "class_entropy", "class_trace")
 
 
 def collective_variables(
-    kernel: jax.Array,
+    kernel: Kernel,
     names: Sequence[str] | None = None,
     *,
-    labels: jax.Array | None = None,
-    reference: jax.Array | None = None,
+    labels: Real[Array, " N"] | Real[Array, "N C"] | None = None,
+    reference: Kernel | None = None,
     top_k: int = 10,
     num_classes: int | None = None,
-    eigenvalues: jax.Array | None = None,
+    eigenvalues: Float[Array, " n"] | None = None,
     warn: bool = True,
-) -> dict[str, jax.Array]:
+) -> dict[str, Float[Array, ""]]:
     """Compute the named collective variables of ``kernel`` sharing one eigendecomposition.
 
     ``eigvalsh`` runs once on the kernel (``eigh`` instead when ``subspace_overlap`` is requested, plus

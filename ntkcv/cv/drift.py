@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
-from ntkcv.cv._kernel import as_matrix, symmetric_eigh
+from ntkcv.cv._kernel import Kernel, as_matrix, symmetric_eigh
 
 __all__ = ["cosine_distance", "kernel_velocity", "relative_distance", "subspace_overlap"]
 
 
-def relative_distance(reference: jax.Array, kernel: jax.Array) -> jax.Array:
+def relative_distance(reference: Kernel, kernel: Kernel) -> Float[Array, ""]:
     r"""Relative Frobenius distance :math:`\|Θ_0 - Θ\|_F / \|Θ_0\|_F` (NaN for a zero reference)."""
     reference, kernel = _pair(reference, kernel)
     return relative_distance_of(reference, kernel)
 
 
-def cosine_distance(reference: jax.Array, kernel: jax.Array) -> jax.Array:
+def cosine_distance(reference: Kernel, kernel: Kernel) -> Float[Array, ""]:
     r"""One minus the cosine between the kernels in the Frobenius inner product.
 
     .. math::
@@ -33,7 +34,7 @@ def cosine_distance(reference: jax.Array, kernel: jax.Array) -> jax.Array:
     return cosine_distance_of(reference, kernel)
 
 
-def subspace_overlap(reference: jax.Array, kernel: jax.Array, k: int) -> jax.Array:
+def subspace_overlap(reference: Kernel, kernel: Kernel, k: int) -> Float[Array, ""]:
     r"""Overlap of the top-``k`` eigenspaces of the two kernels.
 
     .. math::
@@ -49,7 +50,7 @@ def subspace_overlap(reference: jax.Array, kernel: jax.Array, k: int) -> jax.Arr
     return subspace_overlap_of(symmetric_eigh(reference)[1][:, :k], symmetric_eigh(kernel)[1][:, :k])
 
 
-def kernel_velocity(previous: jax.Array, kernel: jax.Array, steps: jax.Array | int) -> jax.Array:
+def kernel_velocity(previous: Kernel, kernel: Kernel, steps: Int[Array, ""] | int) -> Float[Array, ""]:
     r"""Kernel velocity: the relative distance travelled per training step between two kernels.
 
     .. math::

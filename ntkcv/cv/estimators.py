@@ -19,22 +19,23 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
+from jaxtyping import Array, Float, PRNGKeyArray
 from matfree import decomp, stochtrace
 
 __all__ = ["Estimate", "entropy_slq", "top_eigenvalues_lanczos", "trace_hutchinson", "trace_hutchpp"]
 
-Matvec = Callable[[jax.Array], jax.Array]
+Matvec = Callable[[Float[Array, " n"]], Float[Array, " n"]]
 
 
 class Estimate(NamedTuple):
-    """A stochastic estimate and its standard error (same shape)."""
+    """A stochastic estimate and its standard error (same shape: a scalar, or ``(k,)`` eigenvalues)."""
 
-    value: jax.Array
-    stderr: jax.Array
+    value: Float[Array, "*shape"]
+    stderr: Float[Array, "*shape"]
 
 
 def trace_hutchinson(
-    matvec: Matvec, key: jax.Array, *, n: int, num_probes: int, dtype: jnp.dtype = jnp.float32
+    matvec: Matvec, key: PRNGKeyArray, *, n: int, num_probes: int, dtype: jnp.dtype = jnp.float32
 ) -> Estimate:
     r"""Hutchinson's trace estimator with Rademacher probes :math:`v_j \in \{±1\}^n`.
 
@@ -54,7 +55,7 @@ def trace_hutchinson(
 
 
 def trace_hutchpp(
-    matvec: Matvec, key: jax.Array, *, n: int, num_matvecs: int, dtype: jnp.dtype = jnp.float32
+    matvec: Matvec, key: PRNGKeyArray, *, n: int, num_matvecs: int, dtype: jnp.dtype = jnp.float32
 ) -> Estimate:
     r"""Variance-reduced trace by Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
 
@@ -94,7 +95,7 @@ def trace_hutchpp(
 
 def entropy_slq(
     matvec: Matvec,
-    key: jax.Array,
+    key: PRNGKeyArray,
     *,
     n: int,
     num_probes: int,
@@ -142,7 +143,7 @@ def entropy_slq(
 
 
 def top_eigenvalues_lanczos(
-    matvec: Matvec, key: jax.Array, *, n: int, k: int, num_matvecs: int, dtype: jnp.dtype = jnp.float32
+    matvec: Matvec, key: PRNGKeyArray, *, n: int, k: int, num_matvecs: int, dtype: jnp.dtype = jnp.float32
 ) -> Estimate:
     r"""The ``k`` largest eigenvalues of a symmetric Θ by Lanczos with full reorthogonalisation.
 

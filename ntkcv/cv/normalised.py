@@ -10,8 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import entr
+from jaxtyping import Array, Float
 
-from ntkcv.cv._kernel import as_matrix, symmetric_eigvalsh
+from ntkcv.cv._kernel import Kernel, as_matrix, symmetric_eigvalsh
 from ntkcv.cv.spectral import entropy_of
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
 ]
 
 
-def cosine_kernel(kernel: jax.Array) -> jax.Array:
+def cosine_kernel(kernel: Kernel) -> Float[Array, "n n"]:
     r"""Cosine-normalised kernel, the matrix of cosines between per-sample gradients.
 
     .. math::
@@ -34,7 +35,7 @@ def cosine_kernel(kernel: jax.Array) -> jax.Array:
     return cosine_kernel_of(as_matrix(kernel))
 
 
-def cosine_entropy(kernel: jax.Array) -> jax.Array:
+def cosine_entropy(kernel: Kernel) -> Float[Array, ""]:
     r"""Von Neumann entropy of the cosine kernel, :math:`S(\hat Θ)` with :math:`\operatorname{tr}\hat Θ = n`.
 
     Conventions as in :func:`ntkcv.cv.entropy` (clipped eigenvalues, natural log, 0 ln 0 = 0).
@@ -42,7 +43,7 @@ def cosine_entropy(kernel: jax.Array) -> jax.Array:
     return cosine_entropy_of(as_matrix(kernel))
 
 
-def magnitude_distribution(kernel: jax.Array) -> jax.Array:
+def magnitude_distribution(kernel: Kernel) -> Float[Array, " n"]:
     r"""Distribution of gradient magnitudes over the ``n`` rows.
 
     .. math::
@@ -53,12 +54,12 @@ def magnitude_distribution(kernel: jax.Array) -> jax.Array:
     return magnitude_distribution_of(as_matrix(kernel))
 
 
-def magnitude_entropy(kernel: jax.Array) -> jax.Array:
+def magnitude_entropy(kernel: Kernel) -> Float[Array, ""]:
     r"""Shannon entropy of the magnitude distribution, :math:`-\sum_i p_i \ln p_i \in [0, \ln n]`."""
     return magnitude_entropy_of(as_matrix(kernel))
 
 
-def magnitude_variance(kernel: jax.Array) -> jax.Array:
+def magnitude_variance(kernel: Kernel) -> Float[Array, ""]:
     r"""Variance of the rescaled magnitudes :math:`n p_i` (mean 1), zero when all gradients are equally large.
 
     .. math::

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import warnings
 
-import jax
 import jax.numpy as jnp
 from jax.scipy.special import entr
+from jaxtyping import Array, Float
 
-from ntkcv.cv._kernel import as_matrix, symmetric_eigvalsh
+from ntkcv.cv._kernel import Kernel, as_matrix, symmetric_eigvalsh
 
 __all__ = [
     "condition_number",
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-def entropy(kernel: jax.Array) -> jax.Array:
+def entropy(kernel: Kernel) -> Float[Array, ""]:
     r"""Von Neumann entropy of the density matrix :math:`ρ = Θ / \operatorname{tr} Θ`.
 
     .. math::
@@ -49,7 +49,7 @@ def entropy(kernel: jax.Array) -> jax.Array:
     return entropy_of(eigenvalues(kernel))
 
 
-def effective_entropy(kernel: jax.Array) -> jax.Array:
+def effective_entropy(kernel: Kernel) -> Float[Array, ""]:
     r"""Entropy normalised by its maximum, :math:`S / \ln n \in [0, 1]`.
 
     ``n`` is the kernel's matrix size; ``n = 1`` gives NaN (``0/0``) with a ``RuntimeWarning``.
@@ -57,12 +57,12 @@ def effective_entropy(kernel: jax.Array) -> jax.Array:
     return effective_entropy_of(eigenvalues(kernel))
 
 
-def trace(kernel: jax.Array) -> jax.Array:
+def trace(kernel: Kernel) -> Float[Array, ""]:
     r"""Trace :math:`\operatorname{tr} Θ = \sum_i Θ_{ii} = \sum_i λ_i` (unclipped)."""
     return jnp.trace(as_matrix(kernel))
 
 
-def mean_trace(kernel: jax.Array) -> jax.Array:
+def mean_trace(kernel: Kernel) -> Float[Array, ""]:
     r"""Trace per sample, :math:`\operatorname{tr} Θ / N`, with ``N = kernel.shape[0]`` as passed.
 
     For a 4-D ``(N, N, K, K)`` kernel ``N`` is the number of samples, so this sums over the ``K`` outputs.
@@ -70,7 +70,7 @@ def mean_trace(kernel: jax.Array) -> jax.Array:
     return trace(kernel) / jnp.shape(kernel)[0]
 
 
-def spectrum(kernel: jax.Array, *, warn: bool = True) -> jax.Array:
+def spectrum(kernel: Kernel, *, warn: bool = True) -> Float[Array, " n"]:
     r"""All eigenvalues :math:`λ_1 ≥ … ≥ λ_n` of :math:`(Θ + Θ^⊤)/2`, descending and unclipped.
 
     ``warn=False`` drops the run-time warning for a non-finite or zero kernel (a host callback), as in
@@ -79,7 +79,7 @@ def spectrum(kernel: jax.Array, *, warn: bool = True) -> jax.Array:
     return eigenvalues(kernel, warn=warn)
 
 
-def top_eigenvalues(kernel: jax.Array, k: int) -> jax.Array:
+def top_eigenvalues(kernel: Kernel, k: int) -> Float[Array, " k"]:
     r"""The ``k`` largest eigenvalues :math:`λ_1 ≥ … ≥ λ_k`; ``1 ≤ k ≤ n``."""
     lam = eigenvalues(kernel)
     if not 1 <= k <= lam.shape[0]:
@@ -87,32 +87,32 @@ def top_eigenvalues(kernel: jax.Array, k: int) -> jax.Array:
     return lam[:k]
 
 
-def effective_rank(kernel: jax.Array) -> jax.Array:
+def effective_rank(kernel: Kernel) -> Float[Array, ""]:
     r"""Effective rank :math:`e^{S}` (Roy & Vetterli 2007): ``n`` for :math:`c I_n`, 1 for rank one."""
     return effective_rank_of(eigenvalues(kernel))
 
 
-def participation_ratio(kernel: jax.Array) -> jax.Array:
+def participation_ratio(kernel: Kernel) -> Float[Array, ""]:
     r"""Participation ratio :math:`(\sum_i λ_i^+)^2 / \sum_i (λ_i^+)^2 \in [1, n]`; NaN for a zero kernel."""
     return participation_ratio_of(eigenvalues(kernel))
 
 
-def max_eigenvalue(kernel: jax.Array) -> jax.Array:
+def max_eigenvalue(kernel: Kernel) -> Float[Array, ""]:
     r"""Largest eigenvalue :math:`λ_1` (sets the largest stable gradient-descent step, :math:`2/λ_1`)."""
     return eigenvalues(kernel)[0]
 
 
-def condition_number(kernel: jax.Array) -> jax.Array:
+def condition_number(kernel: Kernel) -> Float[Array, ""]:
     r"""Condition number :math:`κ = λ_1 / λ_n`, and :math:`+∞` when :math:`λ_n ≤ 0` (singular kernel)."""
     return condition_number_of(eigenvalues(kernel))
 
 
-def frobenius_norm(kernel: jax.Array) -> jax.Array:
+def frobenius_norm(kernel: Kernel) -> Float[Array, ""]:
     r"""Frobenius norm :math:`\|Θ\|_F = (\sum_{ij} Θ_{ij}^2)^{1/2}`."""
     return jnp.linalg.norm(as_matrix(kernel))
 
 
-def negative_mass(kernel: jax.Array) -> jax.Array:
+def negative_mass(kernel: Kernel) -> Float[Array, ""]:
     r"""Relative mass of the negative eigenvalues that the other CVs clip away.
 
     .. math::
@@ -124,7 +124,7 @@ def negative_mass(kernel: jax.Array) -> jax.Array:
     return negative_mass_of(eigenvalues(kernel))
 
 
-def eigenvalues(kernel: jax.Array, *, warn: bool = True) -> jax.Array:
+def eigenvalues(kernel: Kernel, *, warn: bool = True) -> Float[Array, " n"]:
     """Validated kernel → eigenvalues of its symmetric part, descending."""
     return symmetric_eigvalsh(as_matrix(kernel, warn=warn))
 
@@ -132,33 +132,33 @@ def eigenvalues(kernel: jax.Array, *, warn: bool = True) -> jax.Array:
 # Functions of a descending eigenvalue vector, shared with ``collective_variables`` (one eigvalsh).
 
 
-def probabilities_of(lam: jax.Array) -> jax.Array:
+def probabilities_of(lam: Float[Array, " n"]) -> Float[Array, " n"]:
     positive = jnp.clip(lam, 0.0)
     return positive / jnp.sum(positive)
 
 
-def entropy_of(lam: jax.Array) -> jax.Array:
+def entropy_of(lam: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.sum(entr(probabilities_of(lam)))
 
 
-def effective_entropy_of(lam: jax.Array) -> jax.Array:
+def effective_entropy_of(lam: Float[Array, " n"]) -> Float[Array, ""]:
     if lam.shape[0] == 1:
         warnings.warn("effective entropy of a 1x1 kernel is 0/0 = NaN.", RuntimeWarning, stacklevel=3)
     return entropy_of(lam) / jnp.log(lam.shape[0])
 
 
-def effective_rank_of(lam: jax.Array) -> jax.Array:
+def effective_rank_of(lam: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.exp(entropy_of(lam))
 
 
-def participation_ratio_of(lam: jax.Array) -> jax.Array:
+def participation_ratio_of(lam: Float[Array, " n"]) -> Float[Array, ""]:
     positive = jnp.clip(lam, 0.0)
     return jnp.sum(positive) ** 2 / jnp.sum(positive**2)
 
 
-def condition_number_of(lam: jax.Array) -> jax.Array:
+def condition_number_of(lam: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.where(lam[-1] > 0, lam[0] / jnp.where(lam[-1] > 0, lam[-1], 1.0), jnp.inf)
 
 
-def negative_mass_of(lam: jax.Array) -> jax.Array:
+def negative_mass_of(lam: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.sum(jnp.clip(-lam, 0.0)) / jnp.sum(jnp.abs(lam))

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jaxtyping import ArrayLike, Float, PyTree, Real
 
 __all__ = [
     "LayerSpectrum",
@@ -89,7 +90,7 @@ class WeightLayer(NamedTuple):
 
     kind: str
     path: str
-    matrices: np.ndarray
+    matrices: Float[np.ndarray, "num_matrices rows cols"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ class WeightSpectra:
         }
 
 
-def weight_spectra(params: Any, *, min_eigenvalues: int = 10) -> WeightSpectra:
+def weight_spectra(params: PyTree, *, min_eigenvalues: int = 10) -> WeightSpectra:
     r"""Weight-spectrum metrics of every layer of ``params`` (the layers of :func:`weight_layers`).
 
     With the pooled eigenvalues :math:`λ_1 ≥ … ≥ λ_M` of a layer (module doc):
@@ -194,7 +195,7 @@ def weight_spectra(params: Any, *, min_eigenvalues: int = 10) -> WeightSpectra:
     return WeightSpectra(layers, skipped, _summary([s for n, s in layers.items() if n not in skipped]))
 
 
-def weight_layers(params: Any) -> dict[str, WeightLayer]:
+def weight_layers(params: PyTree) -> dict[str, WeightLayer]:
     """The layers of ``params`` and the matrices analysed for each (rules in the module doc), in pytree order.
 
     A layer's name is the ``/``-joined path of its module (``Dense_0``, ``encoder/attn/query``): the
@@ -216,7 +217,7 @@ def weight_layers(params: Any) -> dict[str, WeightLayer]:
     }
 
 
-def layer_eigenvalues(matrices: Any) -> np.ndarray:
+def layer_eigenvalues(matrices: Real[ArrayLike, "*batch rows cols"]) -> Float[np.ndarray, " m"]:
     r"""Pooled eigenvalues :math:`σ^2 / \max(\text{rows}, \text{cols})` of ``(*batch, rows, cols)`` matrices.
 
     Descending, ``prod(batch) · min(rows, cols)`` of them: a convolution kernel ``(*spatial, in, out)``
@@ -230,7 +231,7 @@ def layer_eigenvalues(matrices: Any) -> np.ndarray:
     return np.sort(singular_values**2 / max(matrices.shape[-2:]))[::-1]
 
 
-def fit_power_law(eigenvalues: Any) -> PowerLawFit:
+def fit_power_law(eigenvalues: Float[ArrayLike, " m"]) -> PowerLawFit:
     r"""Maximum-likelihood continuous power law with :math:`x_{\min}` by minimal KS distance (Clauset et al.).
 
     For each candidate :math:`x_{\min}` among the distinct values (all but the largest), the

@@ -8,14 +8,14 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree, Shaped
 
 from ntkcv.ntk import jacobian, ntvp, structured
 from ntkcv.ntk.groups import GroupSpec, LeafGroups, check_groups, partition
-from ntkcv.ntk.layout import canonical_fn, output_layout
+from ntkcv.ntk.layout import ApplyFn, canonical_fn, output_layout
 from ntkcv.ntk.profile import ModelProfile, profile_model
 from ntkcv.ntk.tiling import (
     default_memory_budget,
@@ -116,7 +116,7 @@ def _warn_nonfinite(count, size) -> None:
 
 
 def ntk_fn(
-    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    apply_fn: ApplyFn,
     *,
     trace_axes: Sequence[int] = (-1,),
     implementation: str | Implementation = "auto",
@@ -125,7 +125,7 @@ def ntk_fn(
     memory_budget: int | None = None,
     precision: str | None = "highest",
     warn: bool = True,
-) -> Callable[..., jax.Array | dict[str, jax.Array]]:
+) -> Callable[..., Float[Array, "N1 ..."] | dict[str, Float[Array, "N1 ..."]]]:
     """Empirical neural tangent kernel of ``apply_fn`` with respect to all of ``params``, whole or per parameter group.
 
     .. math::
@@ -155,8 +155,9 @@ def ntk_fn(
         store it; the caller then checks the result (non-finite entries are NaN either way).
 
     Returns:
-      ``kernel_fn(params, x1, x2=None)``, jitted, giving ``(N₁, N₂)`` for fully traced outputs or
-      ``(N₁, N₂, k₁, k₁, k₂, k₂, …)`` (neural-tangents' order) otherwise; see
+      ``kernel_fn(params, x1, x2=None)``, jitted, for probe inputs ``x1`` ``(N₁, …)`` and ``x2`` ``(N₂, …)``
+      (``None``: ``x1`` again), giving ``(N₁, N₂)`` for fully traced outputs or ``(N₁, N₂, k₁, k₁, k₂, k₂, …)``
+      (neural-tangents' order: each kept output axis twice) otherwise; see
       :func:`ntkcv.flatten_kernel` for ``(N₁·K, N₂·K)``. With ``diagonal=True``: ``kernel_fn(params, x)``.
       With ``groups``: ``{group name: kernel}`` of such kernels, summing to Θ (keys sorted, as ``jit`` returns dicts).
 
@@ -230,13 +231,17 @@ def ntk_fn(
         return kernels[0] if names is None else dict(zip(names, kernels, strict=True))
 
     @jax.jit
-    def kernel_fn(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array | dict[str, jax.Array]:
+    def kernel_fn(
+        params: PyTree, x1: Shaped[Array, "N1 ..."], x2: Shaped[Array, "N2 ..."] | None = None
+    ) -> Float[Array, "N1 N2 *out_pairs"] | dict[str, Float[Array, "N1 N2 *out_pairs"]]:
         names, layout, f, costs, chosen, budget = prepare(params, x1, x2)
         with jax.default_matmul_precision(precision):
             return finish(tiled(f, params, x1, x2, costs, chosen, budget), names, layout.unflatten_kernel)
 
     @jax.jit
-    def diagonal_fn(params: Any, x: jax.Array) -> jax.Array | dict[str, jax.Array]:
+    def diagonal_fn(
+        params: PyTree, x: Shaped[Array, "N ..."]
+    ) -> Float[Array, "N ..."] | dict[str, Float[Array, "N ..."]]:
         names, layout, f, costs, chosen, budget = prepare(params, x, None)
         with jax.default_matmul_precision(precision):
             tile_bytes, module, options = costs.tile_bytes[chosen], _MODULES[chosen], costs.options[chosen]

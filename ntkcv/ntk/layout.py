@@ -15,6 +15,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree, Shaped
+
+ApplyFn = Callable[[PyTree, Shaped[Array, "N ..."]], Float[Array, "N ..."]]
+"""A model as the NTK sees it: ``apply_fn(params, x)`` maps ``N`` inputs to one array of outputs ``(N, *out)``."""
 
 
 class OutputLayout(NamedTuple):

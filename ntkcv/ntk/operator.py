@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree, Shaped
 
-from ntkcv.ntk.layout import canonical_fn, output_layout
+from ntkcv.ntk.layout import ApplyFn, canonical_fn, output_layout
 from ntkcv.ntk.profile import profile_model
 from ntkcv.ntk.validate import check_inputs, check_params
 
@@ -29,15 +30,15 @@ class NTKOperator(NamedTuple):
     """``matvec(v)`` applies Θ to ``v`` of shape ``(dim,)``, ordered ``(sample, kept output)`` row-major
     like :func:`ntkcv.flatten_kernel`; ``dim = N·O``."""
 
-    matvec: Callable[[jax.Array], jax.Array]
+    matvec: Callable[[Float[Array, " dim"]], Float[Array, " dim"]]
     dim: int
-    dtype: Any
+    dtype: jnp.dtype
 
 
 def ntk_operator(
-    apply_fn: Callable,
-    params: Any,
-    x: jax.Array,
+    apply_fn: ApplyFn,
+    params: PyTree,
+    x: Shaped[Array, "N ..."],
     *,
     trace_axes: Sequence[int] = (-1,),
     chunk_size: int | None = None,
@@ -73,14 +74,14 @@ def ntk_operator(
     def pullback(total, chunk_inputs):
         x_chunk, v_chunk = chunk_inputs
         _, vjp_fn = jax.vjp(lambda p: f(p, x_chunk), params)
-        grads = jax.vmap(lambda e: vjp_fn(v_chunk[:, :, None] * e)[0])(basis)  # leaves (R, *leaf)
+        grads = jax.vmap(lambda e: vjp_fn(v_chunk[:, :, None] * e[None, None, :])[0])(basis)  # leaves (R, *leaf)
         return jax.tree_util.tree_map(jnp.add, total, grads), None
 
     def push_forward(x_chunk, grads):
         tangents = jax.vmap(lambda g: jax.jvp(lambda p: f(p, x_chunk), (params,), (g,))[1])(grads)
         return jnp.einsum("rcor->co", tangents)  # (chunk, O)
 
-    def matvec(v: jax.Array) -> jax.Array:
+    def matvec(v: Float[Array, " dim"]) -> Float[Array, " dim"]:
         with jax.default_matmul_precision(precision):
             v = jnp.asarray(v).reshape(n, kept)
             v_chunks = jnp.pad(v, ((0, pad), (0, 0))).reshape(count, chunk, kept)
@@ -92,7 +93,9 @@ def ntk_operator(
     return NTKOperator(matvec, n * kept, basis.dtype)
 
 
-def matvec_flops(apply_fn: Callable, params: Any, x: jax.Array, *, trace_axes: Sequence[int] = (-1,)) -> float:
+def matvec_flops(
+    apply_fn: ApplyFn, params: PyTree, x: Shaped[Array, "N ..."], *, trace_axes: Sequence[int] = (-1,)
+) -> float:
     """Estimated FLOPs of one ``matvec`` of :func:`ntk_operator`: for each of the ``R`` traced outputs a
     pullback and a push-forward over the ``N`` samples, about 4 forward passes (XLA's cost analysis of
     one sample's forward pass)."""

@@ -157,6 +157,7 @@ def test_config_errors_name_the_key(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.standard_dtype_promotion
 def test_train_logs_the_distance_from_the_infinite_width_kernel(tmp_path):
     config = load_config(None, {"data.train_size": 30, "data.probe_set": "train", "model.widths": [256, 256],
                                 "train.steps": 1, "monitor.cvs": ["trace"], "monitor.drift": False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,9 +33,12 @@ class CNN(nn.Module):
 
 
 class WithLayerNorm(nn.Module):
+    # flax's default float32 reductions promote float64 inputs with float32, which strict dtype promotion refuses
+    param_dtype: Any = jnp.float32
+
     @nn.compact
     def __call__(self, x):
-        x = nn.LayerNorm()(nn.Dense(6)(x))
+        x = nn.LayerNorm(param_dtype=self.param_dtype, force_float32_reductions=False)(nn.Dense(6)(x))
         return nn.Dense(3)(jnp.tanh(x))
 
 
@@ -93,7 +98,8 @@ def make_case(name: str, dtype=jnp.float32):
         x1, x2 = _inputs(k1, (5, 8, 8, 1), dtype), _inputs(k2, (3, 8, 8, 1), dtype)
         return ntkcv.from_nnx(module), x1, x2
     modules = {"mlp_tanh": (MLP("tanh"), (6,)), "mlp_relu": (MLP("relu"), (6,)), "cnn": (CNN(), (8, 8, 2)),
-               "layernorm": (WithLayerNorm(), (6,)), "shared": (Shared(), (4,)), "batchnorm": (WithBatchNorm(), (6,))}
+               "layernorm": (WithLayerNorm(param_dtype=dtype), (6,)), "shared": (Shared(), (4,)),
+               "batchnorm": (WithBatchNorm(), (6,))}
     if name == "sequence":
         module = Sequence()
         x1 = jax.random.randint(k1, (5, 4), 0, 11)
@@ -101,7 +107,8 @@ def make_case(name: str, dtype=jnp.float32):
     else:
         module, features = modules[name]
         x1, x2 = _inputs(k1, (5, *features), dtype), _inputs(k2, (3, *features), dtype)
-    variables = cast(module.init(k_init, x1))
+    with jax.numpy_dtype_promotion("standard"):  # flax's float32 parameters meet float64 inputs; cast after
+        variables = cast(module.init(k_init, x1))
     if "batch_stats" in variables:  # non-trivial running statistics, held fixed
         variables = {**variables, "batch_stats": jax.tree_util.tree_map(
             lambda a: a + jnp.linspace(0.1, 0.9, a.size, dtype=dtype).reshape(a.shape), variables["batch_stats"])}

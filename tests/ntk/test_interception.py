@@ -88,9 +88,9 @@ def _dense(name, params, x):
     w, b = params[name]["w"], params[name]["b"]
     visitor = _TOY.get()
     if visitor is None:
-        return x @ w + b
+        return x @ w + b[None]
     describe = lambda: LayerCall("dense", ((x.ndim - 1,), 1), {"kernel": w, "bias": b}, x)  # noqa: E731
-    return visitor.visit(f"toy/{name}", describe, lambda: x @ w + b)
+    return visitor.visit(f"toy/{name}", describe, lambda: x @ w + b[None])
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ def test_kernel_is_symmetric_psd_and_its_trace_is_the_gradient_norm(n, width, ou
     keys = jax.random.split(jax.random.key(seed), 4)
     params = {"w": jax.random.normal(keys[0], (3, width)), "b": jax.random.normal(keys[1], (width,)),
               "v": jax.random.normal(keys[2], (width, outputs))}
-    apply_fn = lambda p, x: jnp.sin(x @ p["w"] + p["b"]) @ p["v"]  # noqa: E731
+    apply_fn = lambda p, x: jnp.sin(x @ p["w"] + p["b"][None]) @ p["v"]  # noqa: E731
     x = jax.random.normal(keys[3], (n, 3))
     with jax.enable_x64(True):
         params64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
