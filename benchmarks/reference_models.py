@@ -1,6 +1,6 @@
 """The reference MLP and CNN of the NTK benchmarks, built exactly like the peer's specs
-(``../shared/peer/nt_kernel.py``: same modules, same parameter names), the peer runner, and a CIFAR-shaped
-ResNet-18 (no peer counterpart)."""
+(``../shared/peer/nt_kernel.py``: same modules, same parameter names), the peer runner, and CIFAR-shaped ResNet-18
+and ViT-tiny (no peer counterparts)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import tempfile
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
 MLP_SPEC = {"kind": "mlp", "features": [512, 512, 512, 10], "activation": "tanh"}
 CNN_SPEC = {"kind": "cnn", "conv": [32, 64], "kernel": [3, 3], "pool": 2, "dense": [128, 10], "activation": "relu"}
 RESNET18_SPEC = {"kind": "resnet18", "widths": [64, 128, 256, 512], "classes": 10}
+#: DeiT-Ti (Touvron et al. 2021) on 32x32 inputs: 4x4 patches, 64 tokens and a class token
+VIT_TINY_SPEC = {"kind": "vit", "patch": 4, "dim": 192, "depth": 12, "heads": 3, "mlp": 768, "classes": 10}
 #: each model's input shape, one sample
-INPUT_SHAPES = {"mlp": (28, 28, 1), "cnn": (28, 28, 1), "resnet18": (32, 32, 3)}
+INPUT_SHAPES = {"mlp": (28, 28, 1), "cnn": (28, 28, 1), "resnet18": (32, 32, 3), "vit": (32, 32, 3)}
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
 PEER_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "peer"
 PEER_PYTHON = pathlib.Path(os.environ.get("NTKCV_PEER_VENV", pathlib.Path.home() / ".cache/ntkcv-peer")) / "bin/python"
@@ -93,11 +96,50 @@ class ResNet18(nn.Module):
         return nn.Dense(self.classes)(x.mean(axis=(1, 2)))
 
 
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + MHSA(LN(x))``, then ``x + MLP(LN(x))`` (GELU)."""
+
+    heads: int
+    mlp: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x))
+        y = nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.mlp)(nn.LayerNorm()(x))))
+        return x + y
+
+
+class ViT(nn.Module):
+    """Vision transformer (Dosovitskiy et al. 2021): ``patch x patch`` patches embedded by a strided convolution,
+    a learned class token and position embedding, ``depth`` pre-norm blocks, a final LayerNorm and a dense head on
+    the class token. The defaults are DeiT-Ti's widths (Touvron et al. 2021)."""
+
+    patch: int = 4
+    dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp: int = 768
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.dim, (self.patch, self.patch), self.patch, padding="VALID")(x)
+        x = x.reshape((x.shape[0], -1, self.dim))
+        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.dim))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)), x], axis=1)
+        x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+        for _ in range(self.depth):
+            x = EncoderBlock(self.heads, self.mlp)(x)
+        return nn.Dense(self.classes)(nn.LayerNorm()(x)[:, 0])
+
+
 def build(spec: dict) -> nn.Module:
     if spec["kind"] == "mlp":
         return MLP(tuple(spec["features"]), spec["activation"])
     if spec["kind"] == "resnet18":
         return ResNet18(tuple(spec["widths"]), spec["classes"])
+    if spec["kind"] == "vit":
+        return ViT(spec["patch"], spec["dim"], spec["depth"], spec["heads"], spec["mlp"], spec["classes"])
     return CNN(tuple(spec["conv"]), tuple(spec["kernel"]), spec["pool"], tuple(spec["dense"]), spec["activation"])
 
 

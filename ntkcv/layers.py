@@ -26,7 +26,7 @@ import jax.extend.core
 import jax.numpy as jnp
 
 from ntkcv.models import equinox_module_hook, nnx_module_hook
-from ntkcv.ntk.interception import LayerCall, LayerVisitor, register_layer_interceptor
+from ntkcv.ntk.interception import LayerCall, LayerVisitor, Unfactorised, register_layer_interceptor
 
 
 class _Active(NamedTuple):
@@ -87,7 +87,21 @@ def _layer_classes(nnx_module: bool) -> tuple[type, type, type, type]:
 
 
 def _describe_call(module, cls: type, method: str, args: tuple, kwargs: dict, *,
-                   nnx_module: bool) -> LayerCall | str:
+                   nnx_module: bool) -> LayerCall | Unfactorised:
+    """A supported call of a supported layer, or why it is not one with the parameters the layer reads."""
+    call = _layer_call(module, cls, method, args, kwargs, nnx_module=nnx_module)
+    if isinstance(call, LayerCall):
+        return call
+    if nnx_module:
+        from flax import nnx
+
+        params = nnx.state(module, nnx.Param)
+    else:
+        params = module.variables.get("params", {})
+    return Unfactorised(call, tuple(jax.tree_util.tree_leaves(params)))
+
+
+def _layer_call(module, cls: type, method: str, args: tuple, kwargs: dict, *, nnx_module: bool) -> LayerCall | str:
     """A supported call of a supported layer, or the reason why it is not one."""
     dense, dense_general, conv, embed = _layer_classes(nnx_module)
     extra = {k: v for k, v in kwargs.items() if v is not None and k != "inputs"}
@@ -191,27 +205,29 @@ def _equinox_kinds() -> dict[type, str]:
     return {eqx.nn.Linear: "dense", eqx.nn.Embedding: "embed", **dict.fromkeys(convs, "conv")}
 
 
-def _describe_equinox(layer, kind: str, args: tuple, kwargs: dict, *, transformed: bool) -> LayerCall | str:
-    """A supported call of a recognised equinox layer, or the reason why it is not one. equinox layers take one
-    sample, channels first; the :class:`LayerCall` has its inputs channels last (``"scalar"`` inputs as one feature),
-    and :func:`_features_last` puts the outputs in the same layout."""
-    if transformed:
-        return "called inside a JAX transformation within the model (jax.vmap, lax.scan, …)"
-    if len(args) != 1 or set(kwargs) - {"key"}:
-        return f"called with {len(args)} positional and keyword arguments {sorted(kwargs)}"
-    x = jnp.asarray(args[0])
+def _describe_equinox(layer, kind: str, args: tuple, kwargs: dict, *, transformed: bool) -> LayerCall | Unfactorised:
+    """A supported call of a recognised equinox layer, or why it is not one with the parameters the layer reads.
+    equinox layers take one sample, channels first; the :class:`LayerCall` has its inputs channels last (``"scalar"``
+    inputs as one feature), and :func:`_features_last` puts the outputs in the same layout."""
     params = {"embedding" if kind == "embed" else "kernel": layer.weight}
     if getattr(layer, "bias", None) is not None:
         params["bias"] = layer.bias
-    if kind == "embed":
-        return LayerCall(kind, (), params, x)
-    if kind == "dense":
-        return LayerCall(kind, ((0,), 1), params, x.reshape(-1))
-    if layer.groups != 1 or layer.padding_mode != "ZEROS":
-        return f"has groups={layer.groups}, padding_mode={layer.padding_mode!r} (supported: 1, 'ZEROS')"
-    rank = layer.num_spatial_dims
-    config = (layer.kernel_size, layer.stride, layer.padding, (1,) * rank, layer.dilation)
-    return LayerCall(kind, config, params, jnp.moveaxis(x, 0, -1))
+    if transformed:
+        why = "called inside a JAX transformation within the model (jax.vmap, lax.scan, …)"
+    elif len(args) != 1 or set(kwargs) - {"key"}:
+        why = f"called with {len(args)} positional and keyword arguments {sorted(kwargs)}"
+    elif kind == "conv" and (layer.groups != 1 or layer.padding_mode != "ZEROS"):
+        why = f"has groups={layer.groups}, padding_mode={layer.padding_mode!r} (supported: 1, 'ZEROS')"
+    else:
+        x = jnp.asarray(args[0])
+        if kind == "embed":
+            return LayerCall(kind, (), params, x)
+        if kind == "dense":
+            return LayerCall(kind, ((0,), 1), params, x.reshape(-1))
+        rank = layer.num_spatial_dims
+        config = (layer.kernel_size, layer.stride, layer.padding, (1,) * rank, layer.dilation)
+        return LayerCall(kind, config, params, jnp.moveaxis(x, 0, -1))
+    return Unfactorised(why, tuple(params.values()))
 
 
 def _features_last(kind: str, y: jax.Array) -> jax.Array:

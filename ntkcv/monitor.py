@@ -45,6 +45,7 @@ from ntkcv.measurement import (
 )
 from ntkcv.models import Model
 from ntkcv.ntk.compilation import quick_compile_options
+from ntkcv.ntk.devices import num_devices, replicated
 from ntkcv.recorder import Recorder
 from ntkcv.schedule import Schedule
 
@@ -113,6 +114,12 @@ class NTKMonitor:
     ``ValueError``. :attr:`state` is what the measurement carries across firings (the drift reference and the
     previous kernel): save it with a checkpoint (after :meth:`flush`) and set it again on resuming, and a resumed run
     logs the same drift and velocity as an uninterrupted one.
+
+    Under ``jax.distributed`` with several processes, every process makes the monitor and calls it at every step with
+    the same parameters and probes: a firing is one program over all processes' devices (the NTK's rows split among
+    them), whose CVs every process gets back, the same on each. Only process 0 writes to its sinks (create them there
+    only: ``sinks=[...] if jax.process_index() == 0 else []``, as a sink opens its file when made); the program is not
+    stored.
     """
 
     def __init__(
@@ -248,7 +255,8 @@ class NTKMonitor:
     def _fire(self, step: int, params: Any, probe_sets: dict[str, ProbeSets]) -> tuple[dict[str, Any], dict[str, Any]]:
         """One firing: the measurement of ``params`` (and the weight metrics), fetched to the host."""
         state = self._initial_state(params, probe_sets) if self._state is None else self._state
-        scalars, arrays, self._state = self._program(params, probe_sets)(params, probe_sets, state, jnp.int32(step))
+        inputs = replicated((params, probe_sets))  # on every device the NTK is computed on
+        scalars, arrays, self._state = self._program(*inputs)(*inputs, state, jnp.int32(step))
         if self.weight_metrics:
             spectra = weight_spectra(jax.device_get(params))
             per_layer = spectra.per_layer_scalars() if self.weight_metrics == "layers" else {}
@@ -262,7 +270,7 @@ class NTKMonitor:
             state = {**state, "cv": with_reference(state["cv"], references)}
         # committed to the device, as the program's outputs are, which later firings pass back: the program is
         # compiled once, not once more at the second firing
-        return jax.device_put(state, jax.devices()[0])
+        return jax.device_put(state, jax.devices()[0]) if num_devices() == 1 else replicated(state)
 
     def _program(self, params: Any, probe_sets: dict[str, ProbeSets]) -> jax.stages.Wrapped:
         """The measurement for these shapes: made once per signature; when JAX's persistent compilation cache
@@ -276,7 +284,8 @@ class NTKMonitor:
                 self.trace_count += 1
                 return self._measurement.apply(*call_args)
 
-            if self._settings is None:  # user measurements: their code is not part of the store's key
+            # not stored: user measurements (their code is not in the store's key), programs over several processes
+            if self._settings is None or jax.process_count() > 1:
                 program, loaded = jax.jit(measure, compiler_options=self._compile_options), False
             else:
                 key = program_key(self.apply_fn, (params, first), args, self._settings)

@@ -41,7 +41,8 @@ class Recorder:
 
     Writing goes through one :class:`~ntkcv.sinks.MultiSink` over :attr:`sinks` (a list: a sink appended later
     receives what is written from then on): every sink gets every step even when one raises, and the first error
-    is raised after; non-finite measured values (names starting ``cv/``) are written as NaN with a warning. A
+    is raised after; non-finite measured values (names starting ``cv/``) are written as NaN with a warning. Under
+    ``jax.distributed`` only process 0 writes: the others return what they would have written, and write nothing. A
     firing that raised raises at the next :meth:`record`, :meth:`flush` or :meth:`close`, after everything else
     was written.
 
@@ -177,7 +178,7 @@ class Recorder:
             scalars.update({name: float("nan") for name in bad})
         arrays = {name: np.asarray(array) for name, array in arrays.items()}
         self.latest.update(scalars)
-        sinks, writes = MultiSink(self.sinks), []
+        sinks, writes = MultiSink(self.sinks if jax.process_index() == 0 else ()), []
         if scalars:
             writes.append(functools.partial(sinks.write_scalars, step, scalars))
         if arrays:

@@ -17,6 +17,8 @@ def pytest_configure(config):
         "markers", "standard_dtype_promotion: run with JAX's standard dtype promotion, for third-party code that "
         "strict promotion refuses (optax's Adam raises a Python float to an int32 step count; flax's avg_pool "
         "divides by a NumPy integer)")
+    config.addinivalue_line(
+        "markers", "multiprocess: launches several local JAX processes under jax.distributed (CPU, gloo collectives)")
 
 
 @pytest.fixture(autouse=True)

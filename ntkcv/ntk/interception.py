@@ -6,7 +6,7 @@ the calls of the layers it recognises to ``visitor.visit(key, describe, call)``:
 
 - ``key`` names the layer instance, the same string in every trace of the model (``linen/Dense_0``);
 - ``describe()`` returns the call as a :class:`LayerCall` when it is one the structured path
-  factorises, else a string saying why it is not;
+  factorises, else an :class:`Unfactorised` (or a plain string) saying why it is not;
 - ``call()`` runs the layer; ``visit`` returns its output, or a replacement for it.
 
 The core knows no framework: Flax's linen and NNX layers and equinox's layers are recognised by
@@ -45,10 +45,19 @@ class LayerCall(NamedTuple):
     inputs: jax.Array
 
 
+class Unfactorised(NamedTuple):
+    """A recognised layer call the structured NTK does not factorise: why, and the arrays it reads (so that they are
+    reported as falling back for that reason; a plain string as ``describe()``'s result names no arrays)."""
+
+    reason: str
+    params: tuple[jax.Array, ...]
+
+
 class LayerVisitor(Protocol):
     """What the structured path does with each recognised layer call."""
 
-    def visit(self, key: str, describe: Callable[[], LayerCall | str], call: Callable[[], jax.Array]) -> jax.Array:
+    def visit(self, key: str, describe: Callable[[], LayerCall | Unfactorised | str],
+              call: Callable[[], jax.Array]) -> jax.Array:
         """Run (``call()``) and inspect one layer call; return its output or a replacement."""
         ...
 

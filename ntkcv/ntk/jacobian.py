@@ -10,12 +10,15 @@ one group, the whole Θ):
 
 Cost: ``(N₁ + N₂)·O·R`` backward passes of one sample, plus ``N₁·N₂·O²·R·P`` multiply-adds;
 memory ``(N₁ + N₂)·O·R·P`` numbers for the Jacobians. Fastest when ``P`` is small relative to the cost
-of a forward pass (convolutions with few channels); reliable for every differentiable model.
+of a forward pass (convolutions with few channels); reliable for every differentiable model. When the Jacobians
+of all samples exceed the memory budget, the leaves are cut into chunks (:func:`leaf_chunks`) whose Jacobians
+fit, Θ_g = Σ_chunks Σ_{leaves in chunk and g} J₁J₂ᵀ: each sample's Jacobians are still built once per chunk, at
+the price of one more backward pass per sample and chunk, instead of once per tile of the kernel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,41 +30,87 @@ from ntkcv.ntk.profile import ModelProfile
 CanonicalFn = Callable[[Any, jax.Array], jax.Array]  # (params, x (N, ...)) -> (N, O, R)
 
 
-def per_sample_jacobian(f: CanonicalFn, params: Any, x: jax.Array) -> Any:
-    """Per-sample Jacobians: a pytree like ``params`` whose leaves have shape ``(N, O, R, *leaf)``."""
+def per_sample_jacobian(f: CanonicalFn, params: Any, x: jax.Array,
+                        leaves: Sequence[int] | None = None) -> list[jax.Array]:
+    """Per-sample Jacobians ``(N, O, R, *leaf)`` of the leaves of ``params`` numbered ``leaves`` (in ``tree_leaves``
+    order; ``None``: all); the others are held fixed, so the backward pass computes no cotangent for them."""
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    chosen = range(len(flat)) if leaves is None else leaves
 
-    def single(sample):
-        return jax.jacrev(lambda p: f(p, sample[None])[0])(params)
+    def single(values, sample):
+        full = list(flat)
+        for i, value in zip(chosen, values, strict=True):
+            full[i] = value
+        return f(jax.tree_util.tree_unflatten(treedef, full), sample[None])[0]
 
-    return jax.vmap(single)(x)
+    values = [flat[i] for i in chosen]
+    return jax.vmap(lambda sample: jax.jacrev(single)(values, sample))(x)
 
 
 def contract_leaf(j1: jax.Array, j2: jax.Array) -> jax.Array:
     """One leaf's ``J₁ J₂ᵀ`` summed over the traced axis and parameters: ``(N₁, O, R, …), (N₂, O, R, …) -> (N₁, N₂,
-    O, O)``."""
-    return jnp.einsum("aorp,bqrp->aboq", j1.reshape(j1.shape[:3] + (-1,)), j2.reshape(j2.shape[:3] + (-1,)))
+    O, O)``, one ``(N₁O × RP) · (RP × N₂O)`` product of the Jacobians as stored (XLA lowers a contraction over the
+    traced and parameter axes as two axes with a transposed copy of each Jacobian first)."""
+    (n1, o), n2 = j1.shape[:2], j2.shape[0]
+    k = jax.lax.dot_general(j1.reshape(n1 * o, -1), j2.reshape(n2 * o, -1), (((1,), (1,)), ((), ())))
+    return k.reshape(n1, o, n2, o).transpose(0, 2, 1, 3)
 
 
 def contract_leaf_diagonal(j: jax.Array) -> jax.Array:
     """One leaf's per-sample blocks ``Θ_aa``: ``(N, O, R, …) -> (N, O, O)``."""
-    j = j.reshape(j.shape[:3] + (-1,))
-    return jnp.einsum("aorp,aqrp->aoq", j, j)
+    j = j.reshape(j.shape[:2] + (-1,))
+    return jnp.einsum("aok,aqk->aoq", j, j)
+
+
+def split_fn(f: CanonicalFn, params: Any, *, groups: LeafGroups | None = None,
+             leaves: Sequence[int] | None = None):
+    """``(features_fn, contract_fn)`` for :func:`ntkcv.ntk.tiling.tiled_split_kernel`: ``features_fn(x_tile)`` builds
+    the tile's per-sample Jacobians of the leaves numbered ``leaves`` (``None``: all), ``contract_fn(J₁, J₂)`` pairs
+    them up into one ``(b₁, b₂, O, O)`` kernel per group (``groups``: each leaf's group; ``None``: one group), a group
+    with none of these leaves getting zeros. Summed over chunks of leaves, these kernels are Θ_g."""
+    chosen = tuple(range(len(jax.tree_util.tree_leaves(params)))) if leaves is None else tuple(leaves)
+
+    def features_fn(x_tile):
+        return per_sample_jacobian(f, params, x_tile, chosen)
+
+    def contract_fn(jac1, jac2):
+        sums = group_sums(zip(chosen, map(contract_leaf, jac1, jac2), strict=True), groups)
+        (n1, o), n2 = jac1[0].shape[:2], jac2[0].shape[0]
+        return tuple(jnp.zeros((n1, n2, o, o), jac1[0].dtype) if s is None else s for s in sums)
+
+    return features_fn, contract_fn
 
 
 def kernel_tile(f: CanonicalFn, params: Any, x1: jax.Array, x2: jax.Array | None, *,
                 groups: LeafGroups | None = None) -> tuple[jax.Array, ...]:
     """Θ_g(x₁, x₂) of shape ``(N₁, N₂, O, O)`` for each group by Jacobian contraction (``groups``: each leaf's
     group; ``None``: one group, the whole Θ); ``x2=None`` means ``x2 = x1``."""
-    jac1 = jax.tree_util.tree_leaves(per_sample_jacobian(f, params, x1))
-    jac2 = jac1 if x2 is None else jax.tree_util.tree_leaves(per_sample_jacobian(f, params, x2))
-    return group_sums(enumerate(map(contract_leaf, jac1, jac2)), groups)
+    features_fn, contract_fn = split_fn(f, params, groups=groups)
+    jac1 = features_fn(x1)
+    return contract_fn(jac1, jac1 if x2 is None else features_fn(x2))
 
 
 def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *,
                   groups: LeafGroups | None = None) -> tuple[jax.Array, ...]:
     """Θ_g(x_a, x_a) for each sample and group, shape ``(N, O, O)``."""
-    jac = jax.tree_util.tree_leaves(per_sample_jacobian(f, params, x))
-    return group_sums(enumerate(map(contract_leaf_diagonal, jac)), groups)
+    return group_sums(enumerate(map(contract_leaf_diagonal, per_sample_jacobian(f, params, x))), groups)
+
+
+def leaf_chunks(sizes: Sequence[int], fits: Callable[[int], bool]) -> list[tuple[int, ...]] | None:
+    """Consecutive leaves (``sizes``: parameters per leaf) in chunks of a parameter count that ``fits``, each as
+    large as it can grow; ``None`` when a leaf alone does not fit. Θ_g is the sum of the chunks' kernels; the
+    Jacobians of one chunk's leaves for all samples take less memory than all leaves', at the price of one more
+    backward pass per sample and chunk."""
+    chunks, current, count = [], [], 0
+    for leaf, size in enumerate(sizes):
+        if current and not fits(count + size):
+            chunks.append(tuple(current))
+            current, count = [], 0
+        if not current and not fits(size):
+            return None
+        current.append(leaf)
+        count += size
+    return [*chunks, tuple(current)]
 
 
 def flops(profile: ModelProfile, n1: int, n2: int) -> float:
@@ -74,3 +123,21 @@ def tile_bytes(profile: ModelProfile, b1: int, b2: int) -> int:
     """Jacobians of both tiles, their backward passes' activations and the kernel block."""
     o, r, p, item = profile.kept, profile.traced, profile.num_params, profile.itemsize
     return (b1 + b2) * o * r * (p * item + profile.activation_bytes) + 2 * b1 * b2 * o * o * item
+
+
+def split_bytes(profile: ModelProfile, n1: int, n2: int, *, num_params: int | None = None):
+    """Memory of :func:`split_fn`'s path for leaves of ``num_params`` parameters (``None``: all): ``(bytes of one
+    sample's stored Jacobians, build_bytes(b), contract_bytes(b₁, b₂))``, the last two the peaks of building ``b``
+    samples' Jacobians (the tile's Jacobians before they are stored, its backward passes' activations) and of
+    contracting a ``b₁ × b₂`` tile (its kernel block and the result's; a tile smaller than ``n₁ × n₂`` also copies
+    its samples' Jacobians out of the store)."""
+    o, r, item = profile.kept, profile.traced, profile.itemsize
+    stored = o * r * (profile.num_params if num_params is None else num_params) * item
+
+    def build_bytes(b: int, _: int = 0) -> int:
+        return b * (stored + o * r * profile.activation_bytes)
+
+    def contract_bytes(b1: int, b2: int) -> int:
+        return 2 * b1 * b2 * o * o * item + (0 if (b1, b2) == (n1, n2) else (b1 + b2) * stored)
+
+    return stored, build_bytes, contract_bytes

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, Shaped
 
 from ntkcv.ntk import jacobian, ntvp, structured
+from ntkcv.ntk.devices import OnAllDevices, laid_out, num_devices
 from ntkcv.ntk.groups import GroupSpec, LeafGroups, check_groups, partition
 from ntkcv.ntk.layout import ApplyFn, canonical_fn, output_layout
 from ntkcv.ntk.profile import ModelProfile, profile_model
@@ -23,7 +24,7 @@ from ntkcv.ntk.tiling import (
     plan_tiles,
     tiled_kernel,
     tiled_per_sample,
-    tiled_split_kernel,
+    tiled_split_chunks,
 )
 from ntkcv.ntk.validate import check_inputs, check_params
 
@@ -39,13 +40,16 @@ class Implementation(enum.StrEnum):
     - ``NTVP``: NTK-vector products: every per-sample gradient of ``x₂`` pushed forward through the
       model at ``x₁``. Cost ``N₂·O·R`` backward plus ``N₁N₂·O·R`` forward passes, no contraction over
       ``P``. Best for full (untraced) kernels of wide dense models. Gives the whole Θ only, not parameter groups.
-    - ``STRUCTURED``: layer-factorised: each Dense/DenseGeneral/Conv/Embed layer's share of Θ from its
-      inputs and per-output cotangents, in the cheaper of two contraction orders; other leaves take
-      the Jacobian contraction. Never builds a Jacobian of a covered layer; the fast path for monitoring.
-      Parameter groups come from the same pass: each layer's share and leaf's contraction go to their group.
+    - ``STRUCTURED``: layer-factorised: each Dense/DenseGeneral/Conv/Embed layer's share of Θ (attention
+      projections too) from its inputs and per-output cotangents, in the cheaper of two contraction orders;
+      parameters read elementwise (norm scales and biases, position embeddings, class tokens) as their
+      per-sample gradients, formed by the same backward pass; other leaves fall back to the Jacobian
+      contraction. Never builds a Jacobian of a covered layer and never costs more FLOPs than ``JACOBIAN``; the
+      fast path for monitoring. Parameter groups come from the same pass: each layer's share and leaf's
+      contraction go to their group.
     - ``AUTO``: the implementation with the smallest FLOP estimate for these shapes, from XLA's cost
       analysis of one forward pass and the layers ``structured`` covers (see each module's ``flops``);
-      ties go to ``jacobian``; with parameter groups, ``ntvp`` is not a candidate.
+      ties go to ``structured``, then ``jacobian``; with parameter groups, ``ntvp`` is not a candidate.
     """
 
     JACOBIAN = "jacobian"
@@ -64,7 +68,8 @@ _GROUPED = (Implementation.JACOBIAN, Implementation.STRUCTURED)  # the implement
 class _Costs:
     """Each implementation's ``flops(n1, n2)`` and ``tile_bytes(b1, b2)`` for one model, input shape and parameter
     groups (``groups``: each leaf's group; ``None``: one group), and the keyword arguments its tile functions take
-    (the groups; for ``structured`` the coverage, whose trace of the model they reuse)."""
+    (the groups; for ``structured`` the coverage, whose trace of the model they reuse); :meth:`splits` plans the
+    path that builds each sample's features once when one tile does not fit."""
 
     def __init__(self, f, params, x, profile: ModelProfile, groups: LeafGroups | None = None):
         cover = structured.coverage(f, params, x, groups)
@@ -77,20 +82,46 @@ class _Costs:
         self._block_bytes = (0 if groups is None else max(groups)) * profile.kept**2 * profile.itemsize
         self.tile_bytes = {impl: self._with_blocks(functools.partial(module.tile_bytes, profile, **model[impl]))
                            for impl, module in _MODULES.items()}
-        self._split_bytes = functools.partial(structured.split_bytes, profile, cover=cover)
+        self._profile, self._cover, self._groups = profile, cover, groups
+        self._leaf_sizes = [leaf.size for leaf in jax.tree_util.tree_leaves(params)]
 
     def _with_blocks(self, tile_bytes: Callable[[int, int], int]) -> Callable[[int, int], int]:
         return lambda b1, b2: tile_bytes(b1, b2) + b1 * b2 * self._block_bytes
 
-    def split_bytes(self, n1: int, n2: int, *, same: bool):
-        """:func:`structured.split_bytes` with the groups' kernel blocks."""
-        stored, build_bytes, contract_bytes = self._split_bytes(n1, n2, same=same)
-        return stored, build_bytes, self._with_blocks(contract_bytes)
+    def splits(self, chosen: Implementation, f, params, x, n1: int, n2: int, *, same: bool, budget: int,
+               devices: int) -> list[tuple[Callable, Callable, int, tuple[int, int]]] | None:
+        """The chunks of ``chosen``'s split path for :func:`tiled_split_chunks`, each sample's features built once per
+        chunk and contracted in tiles: one chunk for ``structured``, for ``jacobian`` chunks of leaves whose Jacobians
+        of all samples fit in ``budget`` beside one tile's work; ``None`` when they do not fit."""
+        samples = n1 if same else n1 + n2
+
+        def plan(stored, build_bytes, contract_bytes):
+            return plan_split(n1, n2, samples * stored, build_bytes, self._with_blocks(contract_bytes), budget,
+                              devices)
+
+        if chosen is Implementation.STRUCTURED:
+            planned = plan(*structured.split_bytes(self._profile, n1, n2, self._cover, same=same))
+            split = None if planned is None else structured.split_fn(f, params, x, n1, n2, same=same,
+                                                                     cover=self._cover)
+            return None if split is None else [(*split, *planned)]
+
+        def planned(count: int):
+            return plan(*jacobian.split_bytes(self._profile, n1, n2, num_params=count))
+
+        chunks = jacobian.leaf_chunks(self._leaf_sizes, lambda count: planned(count) is not None)
+        return None if chunks is None else [
+            (*jacobian.split_fn(f, params, groups=self._groups, leaves=chunk),
+             *planned(sum(self._leaf_sizes[leaf] for leaf in chunk))) for chunk in chunks]
+
+
+# equal estimates go to the first: structured does the Jacobian's work in larger products (each sample's layer inputs
+# serve all its outputs' cotangents), measured faster on CPU
+_TIES = (Implementation.STRUCTURED, Implementation.JACOBIAN, Implementation.NTVP)
 
 
 def _choose(costs: _Costs, n1: int, n2: int, candidates: Sequence[Implementation]) -> Implementation:
     estimates = {impl: costs.flops[impl](n1, n2) for impl in candidates}
-    choice = min(estimates, key=estimates.get)
+    choice = min(sorted(estimates, key=_TIES.index), key=estimates.get)
     logger.debug("auto implementation: %s (estimated FLOPs %s)", choice.value,
                  {impl.value: f"{cost:.3g}" for impl, cost in estimates.items()})
     return choice
@@ -125,6 +156,7 @@ def ntk_fn(
     memory_budget: int | None = None,
     precision: str | None = "highest",
     warn: bool = True,
+    gather: bool = True,
 ) -> Callable[..., Float[Array, "N1 ..."] | dict[str, Float[Array, "N1 ..."]]]:
     """Empirical neural tangent kernel of ``apply_fn`` with respect to all of ``params``, whole or per parameter group.
 
@@ -153,6 +185,10 @@ def ntk_fn(
       warn: warn at run time when the kernel has non-finite entries (through a host callback). With
         ``False`` the compiled program has no host callback, so JAX's persistent compilation cache can
         store it; the caller then checks the result (non-finite entries are NaN either way).
+      gather: return the kernel replicated on every device. ``False`` keeps its rows (``N₁``, a multiple of the
+        number of devices) split over the devices: under ``jax.distributed`` a global ``jax.Array`` of which each
+        process holds some rows (``kernel.addressable_shards``), for computations that every process runs, such as
+        products with the kernel.
 
     Returns:
       ``kernel_fn(params, x1, x2=None)``, jitted, for probe inputs ``x1`` ``(N₁, …)`` and ``x2`` ``(N₂, …)``
@@ -207,27 +243,24 @@ def ntk_fn(
         return names, layout, f, costs, chosen, budget
 
     def tiled(f, params, x1, x2, costs, chosen, budget):
-        """One tile if it fits; else, for ``structured``, each sample's features built once and contracted in
-        tiles (when all samples' features fit in the budget beside one tile's work); else tiles that each build
-        their own."""
-        n1, num_devices = x1.shape[0], len(jax.local_devices())
+        """One tile if it fits; else, for ``structured`` and ``jacobian``, each sample's features built once (per
+        chunk of leaves) and contracted in tiles (:meth:`_Costs.splits`); else tiles that each build their own."""
+        n1, devices = x1.shape[0], num_devices()
         n2 = n1 if x2 is None else x2.shape[0]
         module, tile_bytes, options = _MODULES[chosen], costs.tile_bytes[chosen], costs.options[chosen]
-        if chosen is Implementation.STRUCTURED and tile_bytes(-(-n1 // num_devices), n2) > budget:
-            stored, build_bytes, contract_bytes = costs.split_bytes(n1, n2, same=x2 is None)
-            samples = n1 if x2 is None else n1 + n2
-            planned = plan_split(n1, n2, samples * stored, build_bytes, contract_bytes, budget, num_devices)
-            split = None if planned is None else structured.split_fn(f, params, x1, n1, n2, same=x2 is None,
-                                                                     **options)
-            if split is not None:
-                logger.debug("structured: features in tiles of %d, contraction in %s tiles", *planned)
-                return tiled_split_kernel(*split, x1, x2, *planned)
-        tiles = plan_tiles(n1, n2, tile_bytes, budget, num_devices)
+        if chosen in _GROUPED and tile_bytes(-(-n1 // devices), n2) > budget:
+            chunks = costs.splits(chosen, f, params, x1, n1, n2, same=x2 is None, budget=budget, devices=devices)
+            if chunks is not None:
+                for i, (*_, feature_tile, tiles) in enumerate(chunks):
+                    logger.debug("%s: features in tiles of %d, contraction in %s tiles (chunk %d of %d)",
+                                 chosen.value, feature_tile, tiles, i + 1, len(chunks))
+                return tiled_split_chunks(chunks, x1, x2)
+        tiles = plan_tiles(n1, n2, tile_bytes, budget, devices)
         return tiled_kernel(lambda a, b: module.kernel_tile(f, params, a, b, **options), x1, x2, tiles)
 
     def finish(kernels, names, unflatten):
-        """The whole kernel, or the groups' kernels by name; non-finite entries as NaN."""
-        kernels = _nan_if_nonfinite(tuple(map(unflatten, kernels)), warn)
+        """The whole kernel, or the groups' kernels by name, laid out as ``gather`` asks; non-finite entries as NaN."""
+        kernels = laid_out(_nan_if_nonfinite(tuple(map(unflatten, kernels)), warn), gather=gather)
         return kernels[0] if names is None else dict(zip(names, kernels, strict=True))
 
     @jax.jit
@@ -245,8 +278,9 @@ def ntk_fn(
         names, layout, f, costs, chosen, budget = prepare(params, x, None)
         with jax.default_matmul_precision(precision):
             tile_bytes, module, options = costs.tile_bytes[chosen], _MODULES[chosen], costs.options[chosen]
-            tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, len(jax.local_devices()))
+            tile, _ = plan_tiles(x.shape[0], 1, lambda b1, _: tile_bytes(b1, 1), budget, num_devices())
             diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t, **options), x, tile)
             return finish(diag, names, layout.unflatten_diagonal)
 
-    return diagonal_fn if diagonal else kernel_fn
+    # arguments replicated on every device; under jax.distributed, a gathered kernel returned as each process's copy
+    return OnAllDevices(diagonal_fn if diagonal else kernel_fn, gather=gather)

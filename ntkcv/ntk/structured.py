@@ -17,25 +17,33 @@ outputs, ``O`` kept and ``R`` traced outputs):
   long sequences.
 
 Covered layers (exact types, ``flax.linen`` and ``flax.nnx``): ``Dense``/``Linear``,
-``DenseGeneral``/``LinearGeneral`` (no batch axes), ``Conv`` (any stride, padding, input and kernel
+``DenseGeneral``/``LinearGeneral`` (no batch axes; so the query, key, value and output projections of linen's
+``MultiHeadDotProductAttention`` and NNX's ``MultiHeadAttention``), ``Conv`` (any stride, padding, input and kernel
 dilation, ungrouped, unmasked; patches from ``jax.lax.conv_general_dilated_patches``), and ``Embed``
 (``u`` is the one-hot token, so ``u_{at}·u_{bs} = [id_{at} = id_{bs}]``); equinox's ``Linear``, ``Conv``
 (1-3d, ungrouped, zero padding) and ``Embedding`` of a model made by ``from_equinox``. A layer is covered only if it
 is called exactly once per sample and its parameters are leaves of ``params`` that no other covered
-layer reads; everything else (LayerNorm scales, shared layers, ``Embed.attend``, custom parameters)
-takes the exact Jacobian contraction of :mod:`ntkcv.ntk.jacobian` for those leaves only. Which leaf
-took which path is logged at DEBUG level on ``logging.getLogger("ntkcv.ntk")``.
+layer reads.
+
+Leaves read by no recognised layer but only elementwise (:mod:`ntkcv.ntk.elementwise`: the scales and biases of
+BatchNorm in eval mode, LayerNorm, GroupNorm and RMSNorm in any framework, ``y = n ⊙ γ + β``; learned position
+embeddings, class tokens, layer scales) are covered as ``"elementwise"``: their per-sample gradient
+``w_{aorf} = Σ_t n_{atf} g_{aortf}`` has the leaf's size, is their cheapest exact factor, and comes out of the same
+backward pass; ``Θ^{γ}_{ab,oq} = Σ_{r,f} w_{aorf} w_{bqrf}``. Every other leaf (shared layers, ``Embed.attend``, a
+matrix multiplied by hand) *falls back* to the same contraction of its per-sample Jacobian, which costs ``d h`` per
+pair where a factorised Dense layer could cost ``d + h``. Which leaf took which path, and why, is logged at DEBUG
+level on ``logging.getLogger("ntkcv.ntk")``.
 
 Mechanism: one backward pass per sample and output (vmapped) with respect to zero "probes" added to
-every covered layer's output and to the fallback leaves gives all cotangents ``g`` and fallback
-Jacobians at once; layer inputs are recorded in the same forward pass. Layers are recognised through
+every covered layer's output and to the other leaves gives all cotangents ``g`` and the other leaves' per-sample
+gradients at once; layer inputs are recorded in the same forward pass. Layers are recognised through
 the protocol of :mod:`ntkcv.ntk.interception` (Flax's and equinox's by :mod:`ntkcv.layers`: linen layers
-in any ``apply_fn``, NNX and equinox layers of a model made by ``from_nnx`` or ``from_equinox``). Like every
-implementation this assumes samples do not interact (BatchNorm in eval mode). A parameter also read outside its
-layer's call by hand (e.g. ``x @ dense.variables['params']['kernel'].T``) is not detected; use ``Embed.attend`` or
-share the module.
+in any ``apply_fn``, NNX and equinox layers of a model made by ``from_nnx`` or ``from_equinox``); elementwise leaves
+from the jaxpr of the same trace. Like every implementation this assumes samples do not interact (BatchNorm in eval
+mode). A parameter also read outside its layer's call by hand (e.g. ``x @ dense.variables['params']['kernel'].T``)
+is not detected; use ``Embed.attend`` or share the module.
 
-Parameter groups (:mod:`ntkcv.ntk.groups`): each covered layer's share and each fallback leaf's contraction
+Parameter groups (:mod:`ntkcv.ntk.groups`): each covered layer's share and each other leaf's contraction
 is added to its group's kernel, all from the same per-sample factors; a layer whose kernel and bias lie in
 different groups keeps its kernel covered and contracts its bias as a fallback leaf.
 
@@ -54,8 +62,9 @@ import jax
 import jax.numpy as jnp
 
 from ntkcv.ntk import jacobian
+from ntkcv.ntk.elementwise import non_elementwise_reads
 from ntkcv.ntk.groups import LeafGroups, group_sums
-from ntkcv.ntk.interception import LayerCall, intercepting
+from ntkcv.ntk.interception import LayerCall, Unfactorised, intercepting
 from ntkcv.ntk.jacobian import CanonicalFn
 from ntkcv.ntk.profile import ModelProfile
 
@@ -64,25 +73,38 @@ logger = logging.getLogger("ntkcv.ntk")
 _MEMORY_LIMIT = 2**27  # elements of the largest intermediate a route may create before the other is preferred
 
 
+class _Call(NamedTuple):
+    """One recognised layer call: the :class:`LayerCall` with leaf indices as params and its input and output shapes
+    (``None`` when it is not factorised), the reason it is not, and the indices of the leaves it reads."""
+
+    layer: tuple[LayerCall, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct] | None
+    reason: str
+    leaves: tuple[int, ...]
+
+
 class _Discovery:
-    """Records every recognised layer call: key -> [(LayerCall with leaf indices as params, inputs, outputs) or
-    the reason it is not factorised]."""
+    """Records every recognised layer call: key -> [:class:`_Call`]."""
 
     def __init__(self, leaves):
         self.leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
-        self.calls: dict[str, list] = {}
+        self.calls: dict[str, list[_Call]] = {}
 
     def visit(self, key, describe, call):
         y = call()
         layer = describe()
-        if isinstance(layer, LayerCall):
-            index = {role: self.leaf_index.get(id(v)) for role, v in layer.params.items()}
-            if any(i is None for i in index.values()):
-                layer = "reads parameters that are not leaves of params (transformed or closed over)"
-            else:
-                shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (layer.inputs, y)]
-                layer = (layer._replace(params=index), *shapes)
-        self.calls.setdefault(key, []).append(layer)
+        if isinstance(layer, str):
+            layer = Unfactorised(layer, ())
+        read = [self.leaf_index.get(id(v))
+                for v in (layer.params.values() if isinstance(layer, LayerCall) else layer.params)]
+        leaves = tuple(i for i in read if i is not None)
+        if isinstance(layer, Unfactorised):
+            entry = _Call(None, layer.reason, leaves)
+        elif len(leaves) != len(read):
+            entry = _Call(None, "reads parameters that are not leaves of params (transformed or closed over)", leaves)
+        else:
+            shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (layer.inputs, y)]
+            entry = _Call((layer._replace(params=dict(zip(layer.params, leaves, strict=True))), *shapes), "", leaves)
+        self.calls.setdefault(key, []).append(entry)
         return y
 
 
@@ -120,7 +142,8 @@ class _Plan(NamedTuple):
     treedef: Any
     leaves: list
     layers: tuple[_Planned, ...]
-    fallback: tuple[int, ...]  # leaf indices
+    gradients: tuple[int, ...]  # indices of the leaves contracted as per-sample gradients (elementwise and fallback)
+    elementwise: frozenset[int]  # those read elementwise (:mod:`ntkcv.ntk.elementwise`); the others fall back
     reasons: dict  # fallback leaf index -> reason
     out_shape: tuple[int, int]  # (O, R)
     groups: LeafGroups | None  # each leaf's parameter group; None: one group
@@ -159,19 +182,16 @@ def _plan(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | None =
         with intercepting(discovery):
             return f(jax.tree_util.tree_unflatten(treedef, leaves), sample[None])
 
-    out = jax.eval_shape(run, leaves, x[0])
+    jaxpr, out = jax.make_jaxpr(run, return_shape=True)(leaves, x[0])
     shapes = [jnp.shape(leaf) for leaf in leaves]
     layers, owner, reasons = [], {}, {}
     for key, calls in discovery.calls.items():
-        layer = calls[0]
-        described = [c for c in calls if not isinstance(c, str)]
-        if len(calls) != 1 or isinstance(layer, str):
-            why = layer if isinstance(layer, str) else f"layer called {len(calls)} times"
-            for entry in described:
-                for i in entry[0].params.values():
-                    reasons[i] = f"{key}: {why}"
+        call = calls[0]
+        if len(calls) != 1 or call.layer is None:
+            why = call.reason if call.layer is None else f"layer called {len(calls)} times"
+            reasons.update({i: f"{key}: {why}" for entry in calls for i in entry.leaves})
             continue
-        layer, inputs, outputs = layer
+        layer, inputs, outputs = call.layer
         if any(i in owner for i in layer.params.values()):
             for i in layer.params.values():
                 reasons[i] = f"{key}: parameters shared with {owner.get(i, key)}"
@@ -183,19 +203,27 @@ def _plan(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | None =
     shared = {i for i, why in reasons.items() if "shared with" in why}
     layers = [layer for layer in layers if not shared & set(layer.roles.values())]
     covered = {i for layer in layers for i in layer.roles.values()}
-    fallback = tuple(i for i in range(len(leaves)) if i not in covered)
-    plan = _Plan(treedef, leaves, tuple(layers), fallback, reasons, tuple(out.shape[1:]), groups)
+    gradients = tuple(i for i in range(len(leaves)) if i not in covered)
+    # leaves read by no recognised layer: elementwise unless some primitive reads them otherwise
+    unclaimed = [i for i in gradients if i not in reasons]
+    for i, primitive in non_elementwise_reads(jaxpr, unclaimed, [len(leaves)]).items():
+        reasons[i] = f"not read by a supported layer; read by {primitive}"
+    elementwise = frozenset(unclaimed) - set(reasons)
+    plan = _Plan(treedef, leaves, tuple(layers), gradients, elementwise, reasons, tuple(out.shape[1:]), groups)
     if logger.isEnabledFor(logging.DEBUG):
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         for layer in layers:
             for i in layer.roles.values():
                 logger.debug("structured: %s (%s %s, T=%d d=%d h=%d)", paths[i], layer.kind, layer.key,
                              layer.positions, layer.in_size, layer.out_size)
-        for i in fallback:
-            logger.debug("structured: %s falls back to jacobian (%s)", paths[i],
-                         reasons.get(i, "not read by a supported layer"))
+        for i in gradients:
+            if i in elementwise:
+                logger.debug("structured: %s (elementwise, %d parameters: its per-sample gradient)", paths[i],
+                             math.prod(shapes[i]))
+            else:
+                logger.debug("structured: %s falls back to jacobian (%s)", paths[i], reasons[i])
         for key, calls in discovery.calls.items():
-            for why in dict.fromkeys(call for call in calls if isinstance(call, str)):
+            for why in dict.fromkeys(call.reason for call in calls if call.layer is None):
                 logger.debug("structured: layer %s is not factorised (%s)", key, why)
     return plan
 
@@ -243,28 +271,29 @@ def _factor(layer: _Planned, u: jax.Array, g: jax.Array, kept: int, traced: int,
 
 
 def _per_sample(f: CanonicalFn, plan: _Plan, x: jax.Array):
-    """Per-sample factors ``{key: (U (N, T, d), G (N, T, O, R, h))}``, fallback Jacobians ``(N, O, R, …)``."""
+    """Per-sample factors ``{key: (U (N, T, d), G (N, T, O, R, h))}``, the other leaves' per-sample gradients
+    ``(N, O, R, …)``."""
 
     def single(sample):
-        def probed(probes, fallback):
+        def probed(probes, gradients):
             leaves = list(plan.leaves)
-            for i, leaf in zip(plan.fallback, fallback, strict=True):
+            for i, leaf in zip(plan.gradients, gradients, strict=True):
                 leaves[i] = leaf
             with intercepting(_Probe(probes)) as probe:
                 out = f(jax.tree_util.tree_unflatten(plan.treedef, leaves), sample[None])[0]
             return out, probe.inputs
 
         probes = {layer.key: jnp.zeros(layer.outputs.shape, layer.outputs.dtype) for layer in plan.layers}
-        fallback = [plan.leaves[i] for i in plan.fallback]
-        out, vjp_fn, inputs = jax.vjp(probed, probes, fallback, has_aux=True)
+        gradients = [plan.leaves[i] for i in plan.gradients]
+        out, vjp_fn, inputs = jax.vjp(probed, probes, gradients, has_aux=True)
         kept, traced = out.shape
         basis = jnp.eye(kept * traced, dtype=out.dtype).reshape(kept * traced, kept, traced)
         # the basis axis lands next to the features, so cotangents come out as (positions, basis, features)
         feature_axis = {layer.key: len(layer.outputs.shape) - _feature_axes(layer) for layer in plan.layers}
-        cot_probes, cot_fallback = jax.vmap(vjp_fn, out_axes=(feature_axis, 0))(basis)
+        cot_probes, cot_gradients = jax.vmap(vjp_fn, out_axes=(feature_axis, 0))(basis)
         factors = {layer.key: _factor(layer, inputs[layer.key], cot_probes[layer.key], kept, traced,
                                       out.dtype) for layer in plan.layers}
-        jac = [c.reshape((kept, traced) + c.shape[1:]) for c in cot_fallback]
+        jac = [c.reshape((kept, traced) + c.shape[1:]) for c in cot_gradients]
         return factors, jac
 
     return jax.vmap(single)(x)
@@ -277,6 +306,11 @@ def _feature_axes(layer: _Planned) -> int:
 # --------------------------------------------------------------------------- contractions
 
 
+def _weight_gradient_macs(layer: _Planned) -> int:
+    """Multiply-adds of one sample's weight gradient for one output: ``T d h`` (a scatter of ``T h`` for Embed)."""
+    return layer.positions * layer.out_size * (1 if layer.kind == "embed" else layer.in_size)
+
+
 def _route_costs(layer: _Planned, n1: int, n2: int, kept: int, traced: int, *, same: bool,
                  diagonal: bool = False):
     """Multiply-adds and memory (elements) of the two routes for one layer: ``{route: (macs, elements)}``."""
@@ -284,7 +318,7 @@ def _route_costs(layer: _Planned, n1: int, n2: int, kept: int, traced: int, *, s
     pairs = n1 if diagonal else n1 * n2
     built = n1 if same or diagonal else n1 + n2
     gram = pairs * t * t * ((1 if layer.kind == "embed" else d) + kept * kept * traced * h)
-    build = built * kept * traced * t * (h if layer.kind == "embed" else d * h)
+    build = built * kept * traced * _weight_gradient_macs(layer)
     grad = build + pairs * kept * kept * traced * d * h
     return {"gram": (gram, pairs * t * t * kept * kept), "grad": (grad, built * kept * traced * d * h)}
 
@@ -361,8 +395,9 @@ def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, sam
              cover: Coverage | None = None):
     """``(features_fn, contract_fn)`` for an ``n₁ × n₂`` kernel: ``features_fn(x_tile)`` builds each sample's
     share once (per layer, the factors its route contracts: ``(U, G)`` for "gram", the weight gradient for
-    "grad"; the fallback Jacobians), ``contract_fn(F₁, F₂)`` pairs them up into one ``(b₁, b₂, O, O)`` kernel per
-    parameter group. A tiled kernel then builds every sample's features once, however many tiles it is cut into.
+    "grad"; the other leaves' per-sample gradients), ``contract_fn(F₁, F₂)`` pairs them up into one ``(b₁, b₂, O,
+    O)`` kernel per parameter group. A tiled kernel then builds every sample's features once, however many tiles it
+    is cut into.
     ``None`` when no layer is covered. ``cover``: :func:`coverage` of the same ``f``, ``params`` and inputs, whose
     trace and parameter groups are then used; ``None``: traced here, one group."""
     plan = _plan(f, params, x) if cover is None else cover.plan
@@ -380,10 +415,10 @@ def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, sam
 
     def contract_fn(features1, features2):
         (layers1, jac1), (layers2, jac2) = features1, features2
-        fallback = zip(plan.fallback, map(jacobian.contract_leaf, jac1, jac2), strict=True)
+        gradients = zip(plan.gradients, map(jacobian.contract_leaf, jac1, jac2), strict=True)
         covered = ((_leaf(layer), _layer_kernel(layer, layers1[layer.key], layers2[layer.key], routes[layer.key]))
                    for layer in plan.layers)
-        return group_sums(itertools.chain(fallback, covered), plan.groups)
+        return group_sums(itertools.chain(gradients, covered), plan.groups)
 
     return features_fn, contract_fn
 
@@ -412,9 +447,9 @@ def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *,
     kept, traced = plan.out_shape
     routes = {layer.key: _choose(_route_costs(layer, x.shape[0], x.shape[0], kept, traced, same=True, diagonal=True))
               for layer in plan.layers}
-    fallback = zip(plan.fallback, map(jacobian.contract_leaf_diagonal, jac), strict=True)
+    gradients = zip(plan.gradients, map(jacobian.contract_leaf_diagonal, jac), strict=True)
     covered = ((_leaf(layer), _layer_diagonal(layer, factors[layer.key], routes[layer.key])) for layer in plan.layers)
-    return group_sums(itertools.chain(fallback, covered), plan.groups)
+    return group_sums(itertools.chain(gradients, covered), plan.groups)
 
 
 # --------------------------------------------------------------------------- coverage and cost model
@@ -433,12 +468,15 @@ class LayerCoverage(NamedTuple):
 
 
 class Coverage(NamedTuple):
-    """What :func:`kernel_tile` does for one model: covered layers and fallback leaves (with reasons)."""
+    """What :func:`kernel_tile` does for one model: covered layers, leaves read elementwise and fallback leaves (with
+    reasons)."""
 
     layers: tuple[LayerCoverage, ...]
+    elementwise: tuple[str, ...]  # leaf paths
     fallback: tuple[tuple[str, str], ...]  # (leaf path, reason)
-    covered_size: int  # parameters in covered layers
-    fallback_size: int  # parameters contracted by Jacobians
+    covered_size: int  # parameters in covered layers and elementwise leaves
+    fallback_size: int  # parameters of fallback leaves
+    gradient_size: int  # parameters contracted as per-sample gradients: elementwise and fallback leaves
     plan: _Plan  # the traced plan: per-layer sizes for the cost model, reused by the kernel functions
 
 
@@ -456,33 +494,41 @@ def coverage(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | Non
                       layer.in_size, layer.out_size)
         for layer in plan.layers
     )
-    fallback = tuple((paths[i], plan.reasons.get(i, "not read by a supported layer")) for i in plan.fallback)
-    fallback_size = sum(sizes[i] for i in plan.fallback)
-    return Coverage(layers, fallback, sum(sizes) - fallback_size, fallback_size, plan)
+    fallback = [i for i in plan.gradients if i not in plan.elementwise]
+    fallback_size = sum(sizes[i] for i in fallback)
+    return Coverage(layers, tuple(paths[i] for i in plan.gradients if i in plan.elementwise),
+                    tuple((paths[i], plan.reasons[i]) for i in fallback), sum(sizes) - fallback_size, fallback_size,
+                    sum(sizes[i] for i in plan.gradients), plan)
 
 
 def flops(profile: ModelProfile, n1: int, n2: int, cover: Coverage) -> float:
     """Estimated FLOPs of an ``n₁ × n₂`` kernel, in the units of :func:`ntkcv.ntk.jacobian.flops`.
 
-    ``(n₁+n₂)·O·R`` backward passes (≈ 3 forward passes each, as for ``"jacobian"``), plus twice the
-    multiply-adds of each covered layer's cheaper route (see the module docstring), plus the Jacobian
-    contraction ``2 n₁ n₂ O² R P_fallback`` of the fallback leaves. With no covered layer it equals
-    ``jacobian.flops``. ``"auto"`` can therefore take the minimum of this, ``jacobian.flops`` and
-    ``ntvp.flops``.
+    ``(n₁+n₂)·O·R`` backward passes (≈ 3 forward passes each, as for ``"jacobian"``, less the ``2W`` FLOPs of the
+    covered layers' weight gradients, ``W = Σ T d h``, which they do not form; at least one forward pass), plus
+    twice the multiply-adds of each covered layer's cheaper route (see the module docstring), plus the contraction
+    ``2 n₁ n₂ O² R P_g`` of the leaves taken as per-sample gradients (elementwise and fallback).
+
+    A layer's ``"grad"`` route forms the weight gradients that the Jacobian's backward passes would and contracts
+    them as the Jacobian would, so this is ``jacobian.flops`` less ``2 Σ (grad − route)`` over the layers, the
+    multiply-adds each saves by its cheaper route: never more, and equal (computed as that difference, so exactly)
+    when no layer saves. ``"auto"`` takes the minimum of this, ``jacobian.flops`` and ``ntvp.flops``.
     """
-    o, r = profile.kept, profile.traced
-    total = (n1 + n2) * o * r * 3 * profile.forward_flops + 2.0 * n1 * n2 * o * o * r * cover.fallback_size
+    o, r, forward = profile.kept, profile.traced, profile.forward_flops
+    saved, weight_gradients = 0, 0
     for layer in cover.plan.layers:
         costs = _route_costs(layer, n1, n2, o, r, same=False)
-        total += 2.0 * costs[_choose(costs)][0]
-    return total
+        saved += costs["grad"][0] - costs[_choose(costs)][0]
+        weight_gradients += 2 * _weight_gradient_macs(layer)
+    total = (n1 + n2) * o * r * 3 * forward + 2.0 * n1 * n2 * o * o * r * profile.num_params - 2.0 * saved
+    return total + (n1 + n2) * o * r * max(weight_gradients - 2 * forward, 0)  # backward passes of one forward
 
 
 def tile_bytes(profile: ModelProfile, b1: int, b2: int, cover: Coverage) -> int:
-    """Peak bytes of one ``b₁ × b₂`` tile: per-sample factors and fallback Jacobians of both tiles, the
+    """Peak bytes of one ``b₁ × b₂`` tile: per-sample factors and gradients of both tiles, the
     backward passes' activations, each layer's route intermediates and the kernel block."""
     o, r, item = profile.kept, profile.traced, profile.itemsize
-    elements = (b1 + b2) * o * r * cover.fallback_size + 2 * b1 * b2 * o * o
+    elements = (b1 + b2) * o * r * cover.gradient_size + 2 * b1 * b2 * o * o
     for layer in cover.plan.layers:
         costs = _route_costs(layer, b1, b2, o, r, same=False)
         elements += (b1 + b2) * layer.positions * (layer.in_size + o * r * layer.out_size)
@@ -494,7 +540,7 @@ def split_bytes(profile: ModelProfile, n1: int, n2: int, cover: Coverage, *, sam
     """Memory of :func:`split_fn`'s path: ``(bytes of one sample's stored features, build_bytes(b), contract_bytes(b₁,
     b₂))``, the last two the peaks of building ``b`` samples' features and of contracting a ``b₁ × b₂`` tile."""
     o, r, item = profile.kept, profile.traced, profile.itemsize
-    stored, factors, pair = o * r * cover.fallback_size, 0, 0
+    stored, factors, pair = o * r * cover.gradient_size, 0, 0
     for layer in cover.plan.layers:
         t, d, h = layer.positions, layer.in_size, layer.out_size
         factors += t * (d + o * r * h)

@@ -1,26 +1,26 @@
-"""Tiles over ``(x₁, x₂)`` within a memory budget, spread over all local devices.
+"""Tiles over ``(x₁, x₂)`` within a memory budget, spread over all devices (all processes' under ``jax.distributed``).
 
 The kernel is computed block by block: ``x₁`` is cut into row tiles of ``b₁`` samples and ``x₂`` into
 column tiles of ``b₂`` (the last tile padded by repeating a sample, the padding cut from the result,
-so ``N`` need not divide). Row tiles are sharded over the local devices with ``jax.shard_map``; each
-device loops over its row tiles and all column tiles with ``lax.map``, so peak memory is that of one
-tile per device.
+so ``N`` need not divide). Row tiles are sharded over the devices (:mod:`ntkcv.ntk.devices`) with
+``jax.shard_map``; each device loops over its row tiles and all column tiles with ``lax.map``, so peak memory is
+that of one tile per device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+
+from ntkcv.ntk.devices import num_devices, on_devices
 
 TileBytesFn = Callable[[int, int], int]  # (b1, b2) -> estimated peak bytes of one tile
-_AXIS = "tiles"
 
 
 def default_memory_budget() -> int:
@@ -85,22 +85,6 @@ def _unsplit(tree, n: int):
     return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], tree)
 
 
-def _on_devices(fn: Callable, tiles: jax.Array, *replicated) -> jax.Array:
-    """``fn(tiles, *replicated)`` with ``tiles`` sharded along axis 0 over the local devices."""
-    devices = jax.local_devices()
-    if len(devices) == 1:
-        return fn(tiles, *replicated)
-    mesh = Mesh(np.array(devices), (_AXIS,))
-    sharded = jax.shard_map(
-        fn,
-        mesh=mesh,
-        in_specs=(PartitionSpec(_AXIS),) + (PartitionSpec(),) * len(replicated),
-        out_specs=PartitionSpec(_AXIS),
-        check_vma=False,
-    )
-    return sharded(tiles, *replicated)
-
-
 def tiled_kernel(tile_fn: Callable[[jax.Array, jax.Array | None], Any], x1: jax.Array, x2: jax.Array | None,
                  tiles: tuple[int, int]) -> Any:
     """Assemble kernels ``(N₁, N₂, …)`` from ``tile_fn(x1_tile, x2_tile)``, a pytree of ``(b₁, b₂, …)`` blocks
@@ -112,11 +96,11 @@ def tiled_kernel(tile_fn: Callable[[jax.Array, jax.Array | None], Any], x1: jax.
     b1, b2 = tiles
     n1 = _size(x1)
     n2 = n1 if x2 is None else _size(x2)
-    num_devices = len(jax.local_devices())
-    if num_devices == 1 and (b1, b2) == (n1, n2):
+    devices = num_devices()
+    if devices == 1 and (b1, b2) == (n1, n2):
         return tile_fn(x1, x2)
     columns = _split(x1 if x2 is None else x2, b2)
-    rows = _split(x1, b1, num_devices)
+    rows = _split(x1, b1, devices)
 
     def local_rows(row_tiles, column_tiles):
         return jax.lax.map(lambda r: jax.lax.map(lambda c: tile_fn(r, c), column_tiles), row_tiles)
@@ -125,16 +109,33 @@ def tiled_kernel(tile_fn: Callable[[jax.Array, jax.Array | None], Any], x1: jax.
         t1, t2 = blocks.shape[:2]
         return jnp.swapaxes(blocks, 1, 2).reshape((t1 * b1, t2 * b2) + blocks.shape[4:])[:n1, :n2]
 
-    return jax.tree_util.tree_map(assemble, _on_devices(local_rows, rows, columns))
+    return jax.tree_util.tree_map(assemble, on_devices(local_rows, rows, columns))
 
 
 def tiled_per_sample(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
     """``fn(x)`` for a per-sample ``fn`` (leaves ``(b, …)`` from ``b`` samples, e.g. kernel diagonals or features),
     computed ``tile`` samples at a time."""
     n = _size(x)
-    if len(jax.local_devices()) == 1 and tile == n:
-        return fn(x)
-    return _unsplit(_on_devices(lambda t: jax.lax.map(fn, t), _split(x, tile, len(jax.local_devices()))), n)
+    if num_devices() == 1:
+        return fn(x) if tile == n else _in_place(fn, x, tile)
+    return _unsplit(on_devices(lambda t: jax.lax.map(fn, t), _split(x, tile, num_devices())), n)
+
+
+def _in_place(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
+    """``fn(x)`` a tile of samples at a time, each tile's result written into the whole result in place; the last
+    tile ends at sample ``N`` (overlapping the one before it), so nothing is padded and nothing copied at the end."""
+    n, tile = _size(x), min(tile, _size(x))
+    fn = jax.jit(fn)  # traced once, for the shapes of its results and for the loop
+    take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, tile)  # noqa: E731
+    shapes = jax.eval_shape(fn, jax.tree_util.tree_map(lambda a: take(a, 0), x))
+
+    def body(t, out):
+        start = jnp.minimum(t * tile, n - tile)
+        part = fn(jax.tree_util.tree_map(lambda a: take(a, start), x))
+        return jax.tree_util.tree_map(lambda o, p: jax.lax.dynamic_update_slice_in_dim(o, p, start, 0), out, part)
+
+    out = jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
+    return jax.lax.fori_loop(0, math.ceil(n / tile), body, out)
 
 
 def plan_split(n1: int, n2: int, stored: int, build_bytes: TileBytesFn, contract_bytes: TileBytesFn,
@@ -157,3 +158,16 @@ def tiled_split_kernel(features_fn: Callable, contract_fn: Callable, x1: jax.Arr
     f1 = tiled_per_sample(features_fn, x1, feature_tile)
     f2 = None if x2 is None else tiled_per_sample(features_fn, x2, feature_tile)
     return tiled_kernel(lambda a, b: contract_fn(a, a if b is None else b), f1, f2, tiles)
+
+
+def tiled_split_chunks(chunks: Sequence[tuple[Callable, Callable, int, tuple[int, int]]], x1: jax.Array,
+                       x2: jax.Array | None) -> Any:
+    """The sum over ``chunks`` of :func:`tiled_split_kernel` ``(features_fn, contract_fn, feature_tile, tiles)``
+    (e.g. Θ = Σ_chunks J J^T over chunks of parameters), in a loop over the chunks, so that only one chunk's
+    features are held at a time."""
+    branches = [functools.partial(tiled_split_kernel, *chunk[:2], x1, x2, *chunk[2:]) for chunk in chunks]
+    if len(branches) == 1:
+        return branches[0]()
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(branches[0]))
+    return jax.lax.fori_loop(0, len(branches), lambda i, total: jax.tree_util.tree_map(
+        jnp.add, total, jax.lax.switch(i, branches)), zeros)

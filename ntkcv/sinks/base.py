@@ -7,6 +7,10 @@ Policy for unsupported data kinds: every sink accepts every call. A kind of data
 store (arrays on the console, say) is dropped silently, without error or warning; each sink's class
 docstring says what it drops. ``close`` is idempotent; writing after ``close`` is an error.
 
+Several processes (``jax.distributed``): the monitor writes on process 0 only. Make sinks that own a file or a run
+there only (``[HDF5Sink(path)] if jax.process_index() == 0 else []``): they open it when made, and two processes must
+not write the same file.
+
 Policy for failures: a sink whose backend fails (a full disk, a dead writer thread) raises from its next call,
 within seconds and without blocking, and its ``close`` still releases what it can. Whoever writes to several
 sinks (:class:`MultiSink`, the monitor) lets every sink have its call before raising the first error.

@@ -1,0 +1,122 @@
+"""The ``jacobian`` implementation when all Jacobians do not fit the memory budget: chunks of leaves, each sample's
+Jacobians built once per chunk, then contracted."""
+
+import logging
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntkcv
+from ntkcv.ntk import jacobian
+from ntkcv.ntk.layout import canonical_fn, output_layout
+from ntkcv.ntk.profile import profile_model
+from ntkcv.ntk.validate import check_params
+from tests.ntk.models import make_case, reference_kernel, relative_error
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+_CHUNK = re.compile(r"jacobian: features in tiles of (\d+), contraction in .* tiles \(chunk \d+ of (\d+)\)")
+
+
+def _chunked_budget(model, x, trace_axes, samples) -> int:
+    """A budget that holds half of all ``samples``' Jacobians beside one sample's work: too small for one tile."""
+    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
+    f = canonical_fn(model.apply_fn, layout)
+    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
+    stored, build_bytes, contract_bytes = jacobian.split_bytes(profile, samples, samples)
+    return samples * stored // 2 + build_bytes(1) + contract_bytes(1, 1)
+
+
+def _chunks(log: str) -> list[tuple[int, int]]:
+    """``(chunk count, feature tile)`` of each chunk the debug log reports."""
+    return [(int(count), int(tile)) for tile, count in _CHUNK.findall(log)]
+
+
+@pytest.mark.parametrize(("trace_axes", "groups"), [((-1,), None), ((), "layers")])
+def test_chunked_kernel_equals_untiled_and_reference(trace_axes, groups, dtype, caplog):
+    model, _, _ = make_case("mlp_tanh", dtype)
+    x1 = jax.random.normal(jax.random.key(1), (9, 6), dtype)
+    x2 = jax.random.normal(jax.random.key(2), (4, 6), dtype)
+    budget = _chunked_budget(model, x1, trace_axes, x1.shape[0] + x2.shape[0])
+    small = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="jacobian", groups=groups,
+                         memory_budget=budget)
+    whole = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="jacobian", groups=groups)
+    tolerance = TOLERANCE[np.dtype(dtype).name]
+    for a, b in [(x1, None), (x1, x2)]:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
+            chunked = small(model.params, a, b)
+        assert len(_chunks(caplog.text)) >= 2
+        untiled = whole(model.params, a, b)
+        if groups is None:
+            chunked, untiled = {"all": chunked}, {"all": untiled}
+        paths = ntkcv.parameter_groups(model.params, groups) if groups else {"all": None}
+        for name, leaves in paths.items():
+            keep = None if leaves is None else (lambda path, leaves=leaves: jax.tree_util.keystr(
+                path, simple=True, separator="/") in leaves)
+            expected = reference_kernel(model.apply_fn, model.params, a, a if b is None else b, trace_axes, keep)
+            assert relative_error(chunked[name], expected) <= tolerance, (name, b is None)
+            np.testing.assert_allclose(chunked[name], untiled[name], rtol=10 * tolerance, atol=tolerance)
+
+
+def test_each_sample_is_evaluated_once_per_chunk(caplog):
+    """A host callback in the model counts its evaluations: each chunk of leaves evaluates each sample once (its last
+    feature tile ends at the last sample, overlapping the tile before), never once per contraction tile."""
+    model, _, _ = make_case("mlp_tanh")
+    evaluated = []
+
+    def apply_fn(params, x):
+        jax.debug.callback(lambda batch: evaluated.append(batch.shape[0]), x)
+        return model.apply_fn(params, x)
+
+    x = jax.random.normal(jax.random.key(1), (11, 6))
+    kernel_fn = ntkcv.ntk_fn(apply_fn, implementation="jacobian",
+                             memory_budget=_chunked_budget(model, x, (-1,), x.shape[0]))
+    with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
+        kernel = jax.block_until_ready(kernel_fn(model.params, x))
+    chunks = _chunks(caplog.text)
+    assert len(chunks) >= 2
+    n = x.shape[0]
+    assert sum(evaluated) == sum(math.ceil(n / tile) * tile for _, tile in chunks)
+    assert sum(evaluated) < len(chunks) * (n + max(tile for _, tile in chunks))
+    assert relative_error(kernel, reference_kernel(model.apply_fn, model.params, x, x, (-1,))) <= 1e-5
+
+
+def test_chunks_stay_within_the_memory_budget(caplog):
+    """XLA's compiled temporary memory of a kernel whose Jacobians take twice the budget."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = [jax.random.normal(key, shape) / shape[0] ** 0.5 for key, shape in
+              zip(keys, [(50, 60), (60, 60), (60, 50), (50, 3)], strict=True)]
+
+    def apply_fn(p, x):
+        for w in p[:-1]:
+            x = jnp.tanh(x @ w)
+        return x @ p[-1]
+
+    x = jax.random.normal(keys[0], (64, 50))
+    all_jacobians = x.shape[0] * 3 * sum(leaf.size for leaf in jax.tree_util.tree_leaves(params)) * 4
+    kernel_fn = ntkcv.ntk_fn(apply_fn, implementation="jacobian", memory_budget=all_jacobians // 2)
+    with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
+        memory = kernel_fn.lower(params, x).compile().memory_analysis()
+    assert len(_chunks(caplog.text)) >= 2
+    assert memory.temp_size_in_bytes <= all_jacobians // 2
+
+
+def test_leaf_chunks_are_consecutive_and_fit():
+    fits = lambda count: count <= 10  # noqa: E731
+    assert jacobian.leaf_chunks([4, 5, 3, 7, 10, 1], fits) == [(0, 1), (2, 3), (4,), (5,)]
+    assert jacobian.leaf_chunks([4, 11, 3], fits) is None
+    assert jacobian.leaf_chunks([2, 3], fits) == [(0, 1)]
+
+
+def test_contraction_is_one_matrix_product_without_copies():
+    """XLA lowers a contraction over several axes (``"aorp,bqrp->aboq"``) with a transposed copy of each Jacobian;
+    :func:`jacobian.contract_leaf` multiplies the Jacobians as they are stored: nothing of their size is copied."""
+    j1, j2 = jax.ShapeDtypeStruct((6, 2, 3, 50, 40), jnp.float32), jax.ShapeDtypeStruct((4, 2, 3, 50, 40), jnp.float32)
+    entry = jax.jit(jacobian.contract_leaf).lower(j1, j2).compile().as_text().split("ENTRY")[1]
+    moved = [line for line in entry.splitlines() if re.search(r"kind=kLoop| copy\(| transpose\(", line)]
+    sizes = [math.prod(int(d) for d in re.search(r"f32\[([\d,]*)\]", line).group(1).split(",")) for line in moved]
+    assert moved and max(sizes) <= 4 * 6 * 2 * 2  # only the (N₁, N₂, O, O) kernel is reordered
