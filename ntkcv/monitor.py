@@ -44,7 +44,7 @@ from ntkcv.measurement import (
     with_reference,
 )
 from ntkcv.models import Model
-from ntkcv.ntk.compilation import quick_compile_options
+from ntkcv.ntk.compilation import ntk_compile_options, quick_compile_options
 from ntkcv.ntk.devices import num_devices, replicated
 from ntkcv.recorder import Recorder
 from ntkcv.schedule import Schedule
@@ -106,7 +106,8 @@ class NTKMonitor:
     when the schedule fires, the measurements under ``cv/…``; it returns what it wrote in this call as host floats
     (the CVs of this step unless ``asynchronous``; then those finished since the last call, see :attr:`latest` for
     the newest value of every name). The measurement is jitted once per probe shape (:attr:`trace_count` counts the
-    programs made; on CPU with the quicker-compiling options of :func:`ntkcv.ntk.compilation.quick_compile_options`).
+    programs made; on CPU with the quicker-compiling options of :func:`ntkcv.ntk.compilation.quick_compile_options`
+    and the faster-running ones of :func:`ntkcv.ntk.compilation.ntk_compile_options`).
     While JAX's persistent compilation cache is on (``jax_compilation_cache_dir``; ``ntkcv train`` turns it on), the
     traced program is also stored beside it with :mod:`jax.export`, so a later run of the same model, shapes and
     settings neither traces nor compiles it (not with user measurements, whose code the store cannot key).
@@ -192,7 +193,7 @@ class NTKMonitor:
                              f"(any of {list(DRIFT)})")
         # jitted by _program with the quick options: a first run compiles it beside the training step, on the same
         # cores (asynchronous: on one thread, leaving the loop the others)
-        self._compile_options = quick_compile_options(background=asynchronous)
+        self._compile_options = {**quick_compile_options(background=asynchronous), **ntk_compile_options()}
         self._settings = None if functions or set(self.measurements) - {"cv"} else {
             "cvs": names, "matrix_free": matrix_free, "num_probes": num_probes, "num_matvecs": num_matvecs,
             "seed": seed, "log_spectrum": log_spectrum, "trace_axes": tuple(trace_axes),

@@ -1,5 +1,6 @@
-"""XLA compile options for the programs that ntkcv compiles while a training run waits: the monitor's program
-and the model profile behind the NTK's cost model.
+"""XLA compile options for ntkcv's programs: for the ones compiled while a training run waits (the monitor's program
+and the model profile behind the NTK's cost model) options that compile faster, and for every program that computes
+an NTK options that run it faster on CPU.
 
 On CPU, XLA's loop fusion emitters (``xla_cpu_use_fusion_emitters=False``) compile these programs faster than its
 default MLIR fusion emitters (the monitor's program for the default MLP: 0.45 → 0.28 CPU-seconds; the CNN: 0.71 →
@@ -28,6 +29,13 @@ QUICK_CPU_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 BACKGROUND_CPU_OPTIONS: dict[str, Any] = {"xla_cpu_parallel_codegen_split_count": 1}
 
 
+#: XLA's CPU YNNPACK fusions (``xla_cpu_experimental_ynn_fusion_type``, on by default in jaxlib 0.10) run the NTK's
+#: skinny products (64 × 64 results, millions deep) at half the speed of XLA's own dot, and 25 times slower when a
+#: fusion joins one to a reduction: the contraction of ResNet-18's last layers took 20.9 s with them and 1.4 s
+#: without (``benchmarks/NOTES.md``, "Structured path at ResNet-18 scale"). An empty list enables none.
+NTK_CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 @functools.cache
 def _cpu_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
     """Whether this XLA knows all ``options`` (an unknown option fails every compile that names it)."""
@@ -47,3 +55,12 @@ def quick_compile_options(backend: str | None = None, *, background: bool = Fals
     backend = backend or jax.default_backend()
     options = {**QUICK_CPU_OPTIONS, **(BACKGROUND_CPU_OPTIONS if background else {})}
     return options if backend == "cpu" and _cpu_accepts(tuple(sorted(options.items()))) else {}
+
+
+def ntk_compile_options(backend: str | None = None) -> dict[str, Any]:
+    """Compile options for a program that computes an NTK on ``backend`` (default: JAX's default backend):
+    :data:`NTK_CPU_OPTIONS` on CPU when this XLA accepts them; otherwise none. They apply to the jitted function they
+    are given to, never to the process; inside another ``jit`` the outer function's options rule."""
+    backend = backend or jax.default_backend()
+    options = tuple(sorted(NTK_CPU_OPTIONS.items()))
+    return dict(options) if backend == "cpu" and _cpu_accepts(options) else {}

@@ -85,21 +85,24 @@ def replicated(tree: Any) -> Any:
 
 class OnAllDevices:
     """``fn`` (a ``jax.jit``) called with its concrete arguments :func:`replicated`; with several processes and
-    ``gather``, each leaf of the (replicated) result is this process's own, fully addressable copy. Other attributes
-    (``lower``, ``trace``) are ``fn``'s."""
+    ``gather``, each leaf of the (replicated) result is this process's own, fully addressable copy. ``top_level``: the
+    same function jitted with its own compile options (which JAX accepts only on a ``jit`` that no other encloses),
+    called instead of ``fn`` when no argument is traced. Other attributes (``lower``, ``trace``) are those of
+    ``top_level`` (default ``fn``)."""
 
-    def __init__(self, fn: Callable, *, gather: bool):
-        self._fn, self._gather = fn, gather
+    def __init__(self, fn: Callable, *, gather: bool, top_level: Callable | None = None):
+        self._fn, self._gather, self._top_level = fn, gather, fn if top_level is None else top_level
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        results = self._fn(*replicated(args), **replicated(kwargs))
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs)))
+        results = (self._fn if traced else self._top_level)(*replicated(args), **replicated(kwargs))
         if not self._gather or jax.process_count() == 1:
             return results
         return jax.tree_util.tree_map(
             lambda leaf: leaf if isinstance(leaf, jax.core.Tracer) else leaf.addressable_data(0), results)
 
     def __getattr__(self, name: str) -> Any:  # names the wrapper lacks
-        if name == "_fn":  # not set yet (a copy being made)
+        if name in ("_fn", "_top_level"):  # not set yet (a copy being made)
             raise AttributeError(name)
-        return getattr(self._fn, name)
+        return getattr(self._top_level, name)

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 GroupSpec = str | Mapping[str, str | Sequence[str]]
 LeafGroups = tuple[int, ...]  # the group index of each leaf of params, in jax.tree_util.tree_leaves order
@@ -119,11 +120,13 @@ def parameter_groups(params: Any, groups: GroupSpec = "layers") -> dict[str, tup
 def group_sums(terms: Iterable[tuple[int, jax.Array]], leaf_groups: LeafGroups | None) -> tuple[jax.Array, ...]:
     """One sum per group of ``terms``, each term ``(leaf index, array)`` added to that leaf's group.
 
-    ``leaf_groups=None``: one group of all leaves. Every group must receive a term (each has a leaf).
+    ``leaf_groups=None``: one group of all leaves. A group that receives no term (a chunk of leaves that has none of
+    its leaves) gets zeros; there must be at least one term.
     """
     count = 1 if leaf_groups is None else max(leaf_groups) + 1
     totals: list[Any] = [None] * count
     for leaf, term in terms:
         g = 0 if leaf_groups is None else leaf_groups[leaf]
         totals[g] = term if totals[g] is None else totals[g] + term
-    return tuple(totals)
+    some = next(total for total in totals if total is not None)
+    return tuple(jnp.zeros_like(some) if total is None else total for total in totals)

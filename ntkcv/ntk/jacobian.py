@@ -11,9 +11,10 @@ one group, the whole Θ):
 Cost: ``(N₁ + N₂)·O·R`` backward passes of one sample, plus ``N₁·N₂·O²·R·P`` multiply-adds;
 memory ``(N₁ + N₂)·O·R·P`` numbers for the Jacobians. Fastest when ``P`` is small relative to the cost
 of a forward pass (convolutions with few channels); reliable for every differentiable model. When the Jacobians
-of all samples exceed the memory budget, the leaves are cut into chunks (:func:`leaf_chunks`) whose Jacobians
-fit, Θ_g = Σ_chunks Σ_{leaves in chunk and g} J₁J₂ᵀ: each sample's Jacobians are still built once per chunk, at
-the price of one more backward pass per sample and chunk, instead of once per tile of the kernel.
+of all samples exceed the memory budget, the leaves are cut into chunks (:func:`ntkcv.ntk.tiling.plan_chunks`)
+whose Jacobians fit, Θ_g = Σ_chunks Σ_{leaves in chunk and g} J₁J₂ᵀ: each sample's Jacobians are still built
+once per chunk, at the price of one more backward pass per sample and chunk, instead of once per tile of the
+kernel.
 """
 
 from __future__ import annotations
@@ -74,9 +75,7 @@ def split_fn(f: CanonicalFn, params: Any, *, groups: LeafGroups | None = None,
         return per_sample_jacobian(f, params, x_tile, chosen)
 
     def contract_fn(jac1, jac2):
-        sums = group_sums(zip(chosen, map(contract_leaf, jac1, jac2), strict=True), groups)
-        (n1, o), n2 = jac1[0].shape[:2], jac2[0].shape[0]
-        return tuple(jnp.zeros((n1, n2, o, o), jac1[0].dtype) if s is None else s for s in sums)
+        return group_sums(zip(chosen, map(contract_leaf, jac1, jac2), strict=True), groups)
 
     return features_fn, contract_fn
 
@@ -94,23 +93,6 @@ def diagonal_tile(f: CanonicalFn, params: Any, x: jax.Array, *,
                   groups: LeafGroups | None = None) -> tuple[jax.Array, ...]:
     """Θ_g(x_a, x_a) for each sample and group, shape ``(N, O, O)``."""
     return group_sums(enumerate(map(contract_leaf_diagonal, per_sample_jacobian(f, params, x))), groups)
-
-
-def leaf_chunks(sizes: Sequence[int], fits: Callable[[int], bool]) -> list[tuple[int, ...]] | None:
-    """Consecutive leaves (``sizes``: parameters per leaf) in chunks of a parameter count that ``fits``, each as
-    large as it can grow; ``None`` when a leaf alone does not fit. Θ_g is the sum of the chunks' kernels; the
-    Jacobians of one chunk's leaves for all samples take less memory than all leaves', at the price of one more
-    backward pass per sample and chunk."""
-    chunks, current, count = [], [], 0
-    for leaf, size in enumerate(sizes):
-        if current and not fits(count + size):
-            chunks.append(tuple(current))
-            current, count = [], 0
-        if not current and not fits(size):
-            return None
-        current.append(leaf)
-        count += size
-    return [*chunks, tuple(current)]
 
 
 def flops(profile: ModelProfile, n1: int, n2: int) -> float:

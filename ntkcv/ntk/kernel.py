@@ -14,12 +14,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, Shaped
 
 from ntkcv.ntk import jacobian, ntvp, structured
+from ntkcv.ntk.compilation import ntk_compile_options
 from ntkcv.ntk.devices import OnAllDevices, laid_out, num_devices
 from ntkcv.ntk.groups import GroupSpec, LeafGroups, check_groups, partition
 from ntkcv.ntk.layout import ApplyFn, canonical_fn, output_layout
 from ntkcv.ntk.profile import ModelProfile, profile_model
 from ntkcv.ntk.tiling import (
     default_memory_budget,
+    plan_chunks,
     plan_split,
     plan_tiles,
     tiled_kernel,
@@ -91,27 +93,36 @@ class _Costs:
     def splits(self, chosen: Implementation, f, params, x, n1: int, n2: int, *, same: bool, budget: int,
                devices: int) -> list[tuple[Callable, Callable, int, tuple[int, int]]] | None:
         """The chunks of ``chosen``'s split path for :func:`tiled_split_chunks`, each sample's features built once per
-        chunk and contracted in tiles: one chunk for ``structured``, for ``jacobian`` chunks of leaves whose Jacobians
-        of all samples fit in ``budget`` beside one tile's work; ``None`` when they do not fit."""
+        chunk and contracted in tiles: chunks of consecutive units (leaves for ``jacobian``, gradient leaves and
+        layers for ``structured``) whose features of all samples take at most half of ``budget``, the rest for
+        building them and one tile's work; ``None`` when one unit's do not fit."""
         samples = n1 if same else n1 + n2
 
-        def plan(stored, build_bytes, contract_bytes):
+        def sizes(chunk):
+            if chosen is Implementation.STRUCTURED:
+                return structured.split_bytes(self._profile, n1, n2, self._cover, same=same, chunk=chunk)
+            return jacobian.split_bytes(self._profile, n1, n2, num_params=sum(self._leaf_sizes[i] for i in chunk))
+
+        def planned(chunk):
+            stored, build_bytes, contract_bytes = sizes(chunk)
             return plan_split(n1, n2, samples * stored, build_bytes, self._with_blocks(contract_bytes), budget,
                               devices)
 
-        if chosen is Implementation.STRUCTURED:
-            planned = plan(*structured.split_bytes(self._profile, n1, n2, self._cover, same=same))
-            split = None if planned is None else structured.split_fn(f, params, x, n1, n2, same=same,
-                                                                     cover=self._cover)
-            return None if split is None else [(*split, *planned)]
+        def fits(chunk):  # at most half the budget stored, so that features are built many samples at a time
+            return samples * sizes(chunk)[0] <= budget // 2 and planned(chunk) is not None
 
-        def planned(count: int):
-            return plan(*jacobian.split_bytes(self._profile, n1, n2, num_params=count))
+        def split(chunk):
+            if chosen is Implementation.STRUCTURED:
+                return structured.split_fn(f, params, x, n1, n2, same=same, cover=self._cover, chunk=chunk)
+            return jacobian.split_fn(f, params, groups=self._groups, leaves=chunk)
 
-        chunks = jacobian.leaf_chunks(self._leaf_sizes, lambda count: planned(count) is not None)
-        return None if chunks is None else [
-            (*jacobian.split_fn(f, params, groups=self._groups, leaves=chunk),
-             *planned(sum(self._leaf_sizes[leaf] for leaf in chunk))) for chunk in chunks]
+        if chosen is Implementation.STRUCTURED and not self._cover.layers:
+            return None  # structured is then jacobian, whose tiles it takes
+        count = structured.units(self._cover) if chosen is Implementation.STRUCTURED else len(self._leaf_sizes)
+        chunks = plan_chunks(count, fits)
+        if chunks is None:
+            return None
+        return [(*split(chunk), *planned(chunk)) for chunk in chunks]
 
 
 # equal estimates go to the first: structured does the Jacobian's work in larger products (each sample's layer inputs
@@ -263,7 +274,6 @@ def ntk_fn(
         kernels = laid_out(_nan_if_nonfinite(tuple(map(unflatten, kernels)), warn), gather=gather)
         return kernels[0] if names is None else dict(zip(names, kernels, strict=True))
 
-    @jax.jit
     def kernel_fn(
         params: PyTree, x1: Shaped[Array, "N1 ..."], x2: Shaped[Array, "N2 ..."] | None = None
     ) -> Float[Array, "N1 N2 *out_pairs"] | dict[str, Float[Array, "N1 N2 *out_pairs"]]:
@@ -271,7 +281,6 @@ def ntk_fn(
         with jax.default_matmul_precision(precision):
             return finish(tiled(f, params, x1, x2, costs, chosen, budget), names, layout.unflatten_kernel)
 
-    @jax.jit
     def diagonal_fn(
         params: PyTree, x: Shaped[Array, "N ..."]
     ) -> Float[Array, "N ..."] | dict[str, Float[Array, "N ..."]]:
@@ -282,5 +291,7 @@ def ntk_fn(
             diag = tiled_per_sample(lambda t: module.diagonal_tile(f, params, t, **options), x, tile)
             return finish(diag, names, layout.unflatten_diagonal)
 
-    # arguments replicated on every device; under jax.distributed, a gathered kernel returned as each process's copy
-    return OnAllDevices(diagonal_fn if diagonal else kernel_fn, gather=gather)
+    # arguments replicated on every device; under jax.distributed, a gathered kernel returned as each process's copy;
+    # called outside jit, compiled with the options that run NTK programs faster (ntk_compile_options)
+    fn = diagonal_fn if diagonal else kernel_fn
+    return OnAllDevices(jax.jit(fn), gather=gather, top_level=jax.jit(fn, compiler_options=ntk_compile_options()))

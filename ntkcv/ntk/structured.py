@@ -56,6 +56,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -70,7 +71,7 @@ from ntkcv.ntk.profile import ModelProfile
 
 logger = logging.getLogger("ntkcv.ntk")
 
-_MEMORY_LIMIT = 2**27  # elements of the largest intermediate a route may create before the other is preferred
+_MEMORY_LIMIT = 2**27  # elements a route may create for one sample or pair before the other is preferred
 
 
 class _Call(NamedTuple):
@@ -313,18 +314,22 @@ def _weight_gradient_macs(layer: _Planned) -> int:
 
 def _route_costs(layer: _Planned, n1: int, n2: int, kept: int, traced: int, *, same: bool,
                  diagonal: bool = False):
-    """Multiply-adds and memory (elements) of the two routes for one layer: ``{route: (macs, elements)}``."""
+    """Multiply-adds and memory (elements) of the two routes for one layer, and the memory of one pair (``"gram"``)
+    or one sample (``"grad"``): ``{route: (macs, elements, elements of one)}``."""
     t, d, h = layer.positions, layer.in_size, layer.out_size
     pairs = n1 if diagonal else n1 * n2
     built = n1 if same or diagonal else n1 + n2
     gram = pairs * t * t * ((1 if layer.kind == "embed" else d) + kept * kept * traced * h)
     build = built * kept * traced * _weight_gradient_macs(layer)
     grad = build + pairs * kept * kept * traced * d * h
-    return {"gram": (gram, pairs * t * t * kept * kept), "grad": (grad, built * kept * traced * d * h)}
+    pair, sample = t * t * kept * kept, kept * traced * d * h
+    return {"gram": (gram, pairs * pair, pair), "grad": (grad, built * sample, sample)}
 
 
 def _choose(costs) -> str:
-    fits = {route: c for route, c in costs.items() if c[1] <= _MEMORY_LIMIT} or costs
+    """The route of fewer multiply-adds, unless one pair's or one sample's intermediate would be too large (tiles
+    and chunks bound how many are held at once)."""
+    fits = {route: c for route, c in costs.items() if c[2] <= _MEMORY_LIMIT} or costs
     return min(fits, key=lambda route: fits[route][0])
 
 
@@ -391,18 +396,36 @@ def _routes(plan: _Plan, n1: int, n2: int, *, same: bool) -> dict[str, str]:
     return {layer.key: _choose(_route_costs(layer, n1, n2, kept, traced, same=same)) for layer in plan.layers}
 
 
+def units(cover: Coverage) -> int:
+    """How many units :func:`split_fn` and :func:`split_bytes` can be restricted to (``chunk``): the leaves taken as
+    per-sample gradients, then the covered layers in the order they are called."""
+    return len(cover.plan.gradients) + len(cover.plan.layers)
+
+
+def _chunk(plan: _Plan, chunk: Sequence[int] | None) -> _Plan:
+    """The plan restricted to the units numbered ``chunk`` (see :func:`units`; ``None``: all). Its backward passes
+    stop at the first layer whose cotangents or gradients it needs."""
+    if chunk is None:
+        return plan
+    first = len(plan.gradients)
+    return plan._replace(gradients=tuple(plan.gradients[u] for u in chunk if u < first),
+                         layers=tuple(plan.layers[u - first] for u in chunk if u >= first))
+
+
 def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, same: bool,
-             cover: Coverage | None = None):
+             cover: Coverage | None = None, chunk: Sequence[int] | None = None):
     """``(features_fn, contract_fn)`` for an ``n₁ × n₂`` kernel: ``features_fn(x_tile)`` builds each sample's
     share once (per layer, the factors its route contracts: ``(U, G)`` for "gram", the weight gradient for
     "grad"; the other leaves' per-sample gradients), ``contract_fn(F₁, F₂)`` pairs them up into one ``(b₁, b₂, O,
     O)`` kernel per parameter group. A tiled kernel then builds every sample's features once, however many tiles it
     is cut into.
     ``None`` when no layer is covered. ``cover``: :func:`coverage` of the same ``f``, ``params`` and inputs, whose
-    trace and parameter groups are then used; ``None``: traced here, one group."""
+    trace and parameter groups are then used; ``None``: traced here, one group. ``chunk``: only these units (see
+    :func:`units`; ``None``: all); the kernels summed over chunks that partition the units are Θ_g."""
     plan = _plan(f, params, x) if cover is None else cover.plan
     if not plan.layers:
         return None
+    plan = _chunk(plan, chunk)
     routes = _routes(plan, n1, n2, same=same)
     for layer in plan.layers:
         logger.debug("structured: %s takes the %s route for a %dx%d kernel", layer.key, routes[layer.key], n1, n2)
@@ -536,12 +559,16 @@ def tile_bytes(profile: ModelProfile, b1: int, b2: int, cover: Coverage) -> int:
     return elements * item + (b1 + b2) * o * r * profile.activation_bytes
 
 
-def split_bytes(profile: ModelProfile, n1: int, n2: int, cover: Coverage, *, same: bool):
-    """Memory of :func:`split_fn`'s path: ``(bytes of one sample's stored features, build_bytes(b), contract_bytes(b₁,
-    b₂))``, the last two the peaks of building ``b`` samples' features and of contracting a ``b₁ × b₂`` tile."""
+def split_bytes(profile: ModelProfile, n1: int, n2: int, cover: Coverage, *, same: bool,
+                chunk: Sequence[int] | None = None):
+    """Memory of :func:`split_fn`'s path (for the units numbered ``chunk``; ``None``: all): ``(bytes of one sample's
+    stored features, build_bytes(b), contract_bytes(b₁, b₂))``, the last two the peaks of building ``b`` samples'
+    features and of contracting a ``b₁ × b₂`` tile."""
     o, r, item = profile.kept, profile.traced, profile.itemsize
-    stored, factors, pair = o * r * cover.gradient_size, 0, 0
-    for layer in cover.plan.layers:
+    plan = _chunk(cover.plan, chunk)
+    stored = o * r * sum(math.prod(jnp.shape(plan.leaves[i])) for i in plan.gradients)
+    factors, pair = 0, 0
+    for layer in plan.layers:
         t, d, h = layer.positions, layer.in_size, layer.out_size
         factors += t * (d + o * r * h)
         if _choose(_route_costs(layer, n1, n2, o, r, same=same)) == "grad":

@@ -22,6 +22,10 @@ from ntkcv.ntk.devices import num_devices, on_devices
 
 TileBytesFn = Callable[[int, int], int]  # (b1, b2) -> estimated peak bytes of one tile
 
+# loops over at most this many tiles or chunks are unrolled: XLA's CPU runtime ran the same features 2.5 times slower
+# inside a while loop than outside one (benchmarks/NOTES.md, "Structured path at ResNet-18 scale")
+_UNROLLED = 8
+
 
 def default_memory_budget() -> int:
     """Half the memory of the first local device, or a quarter of host RAM when JAX cannot tell."""
@@ -123,7 +127,8 @@ def tiled_per_sample(fn: Callable[[jax.Array], object], x: jax.Array, tile: int)
 
 def _in_place(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
     """``fn(x)`` a tile of samples at a time, each tile's result written into the whole result in place; the last
-    tile ends at sample ``N`` (overlapping the one before it), so nothing is padded and nothing copied at the end."""
+    tile ends at sample ``N`` (overlapping the one before it), so nothing is padded and nothing copied at the end.
+    Up to ``_UNROLLED`` tiles one after the other (:func:`_after`), more in a loop."""
     n, tile = _size(x), min(tile, _size(x))
     fn = jax.jit(fn)  # traced once, for the shapes of its results and for the loop
     take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, tile)  # noqa: E731
@@ -131,11 +136,42 @@ def _in_place(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
 
     def body(t, out):
         start = jnp.minimum(t * tile, n - tile)
-        part = fn(jax.tree_util.tree_map(lambda a: take(a, start), x))
+        part = fn(jax.tree_util.tree_map(lambda a: take(a, start), _after(out, x) if unrolled else x))
         return jax.tree_util.tree_map(lambda o, p: jax.lax.dynamic_update_slice_in_dim(o, p, start, 0), out, part)
 
     out = jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
-    return jax.lax.fori_loop(0, math.ceil(n / tile), body, out)
+    count = math.ceil(n / tile)
+    unrolled = count <= _UNROLLED
+    if not unrolled:
+        return jax.lax.fori_loop(0, count, body, out)
+    for t in range(count):
+        out = body(t, out)
+    return out
+
+
+def _after(value: Any, tree: Any) -> Any:
+    """``tree`` plus a zero computed from ``value``: what is computed from it waits for ``value``, and XLA's scheduler
+    need not hold both steps' work at once (XLA's CPU pipeline drops ``optimization_barrier``). The zero is exact
+    (a non-finite entry of ``value`` counts as 0)."""
+    first = jax.tree_util.tree_leaves(value)[0].ravel()[0]
+    zero = jnp.where(jnp.isfinite(first), first, 0) * 0
+    return jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), tree)
+
+
+def plan_chunks(count: int, fits: Callable[[tuple[int, ...]], bool]) -> list[tuple[int, ...]] | None:
+    """Units ``0 … count-1`` (leaves, layers) cut into consecutive chunks, each as long as ``fits`` allows (``fits``:
+    whether a chunk's work fits the memory budget; a chunk that fits stays fitting when shortened); ``None`` when a
+    unit alone does not fit. Each chunk's per-sample features of all samples are built and contracted while the
+    others' are not held, at the price of one more backward pass per sample and chunk."""
+    chunks, current = [], ()
+    for unit in range(count):
+        if current and not fits(current + (unit,)):
+            chunks.append(current)
+            current = ()
+        if not current and not fits((unit,)):
+            return None
+        current += (unit,)
+    return [*chunks, current]
 
 
 def plan_split(n1: int, n2: int, stored: int, build_bytes: TileBytesFn, contract_bytes: TileBytesFn,
@@ -163,11 +199,16 @@ def tiled_split_kernel(features_fn: Callable, contract_fn: Callable, x1: jax.Arr
 def tiled_split_chunks(chunks: Sequence[tuple[Callable, Callable, int, tuple[int, int]]], x1: jax.Array,
                        x2: jax.Array | None) -> Any:
     """The sum over ``chunks`` of :func:`tiled_split_kernel` ``(features_fn, contract_fn, feature_tile, tiles)``
-    (e.g. Θ = Σ_chunks J J^T over chunks of parameters), in a loop over the chunks, so that only one chunk's
-    features are held at a time."""
+    (e.g. Θ = Σ_chunks J J^T over chunks of parameters), one chunk after the other (:func:`_after`; over more than
+    ``_UNROLLED`` chunks, in a loop), so that only one chunk's features are held at a time."""
+    if len(chunks) <= _UNROLLED:
+        total = None
+        for chunk in chunks:
+            inputs = (x1, x2) if total is None else _after(total, (x1, x2))
+            kernels = tiled_split_kernel(*chunk[:2], *inputs, *chunk[2:])
+            total = kernels if total is None else jax.tree_util.tree_map(jnp.add, total, kernels)
+        return total
     branches = [functools.partial(tiled_split_kernel, *chunk[:2], x1, x2, *chunk[2:]) for chunk in chunks]
-    if len(branches) == 1:
-        return branches[0]()
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(branches[0]))
     return jax.lax.fori_loop(0, len(branches), lambda i, total: jax.tree_util.tree_map(
         jnp.add, total, jax.lax.switch(i, branches)), zeros)

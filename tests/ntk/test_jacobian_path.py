@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ntkcv
-from ntkcv.ntk import jacobian
+from ntkcv.ntk import jacobian, tiling
 from ntkcv.ntk.layout import canonical_fn, output_layout
 from ntkcv.ntk.profile import profile_model
 from ntkcv.ntk.validate import check_params
@@ -105,11 +105,10 @@ def test_chunks_stay_within_the_memory_budget(caplog):
     assert memory.temp_size_in_bytes <= all_jacobians // 2
 
 
-def test_leaf_chunks_are_consecutive_and_fit():
-    fits = lambda count: count <= 10  # noqa: E731
-    assert jacobian.leaf_chunks([4, 5, 3, 7, 10, 1], fits) == [(0, 1), (2, 3), (4,), (5,)]
-    assert jacobian.leaf_chunks([4, 11, 3], fits) is None
-    assert jacobian.leaf_chunks([2, 3], fits) == [(0, 1)]
+@pytest.mark.parametrize(("sizes", "expected"), [
+    ([4, 5, 3, 7, 10, 1], [(0, 1), (2, 3), (4,), (5,)]), ([4, 11, 3], None), ([2, 3], [(0, 1)])])
+def test_chunks_are_consecutive_and_fit(sizes, expected):
+    assert tiling.plan_chunks(len(sizes), lambda chunk: sum(sizes[u] for u in chunk) <= 10) == expected
 
 
 def test_contraction_is_one_matrix_product_without_copies():

@@ -1,0 +1,88 @@
+"""The ``structured`` implementation when all samples' features do not fit the memory budget: chunks of units (the
+leaves taken as per-sample gradients, then the covered layers), each sample's features built once per chunk; and the
+programs compiled for the CPU without XLA's YNNPACK fusions."""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntkcv
+from ntkcv.ntk import structured, tiling
+from ntkcv.ntk.compilation import ntk_compile_options
+from ntkcv.ntk.layout import canonical_fn, output_layout
+from ntkcv.ntk.profile import profile_model
+from ntkcv.ntk.validate import check_params
+from tests.ntk.models import make_case, reference_kernel, relative_error
+
+_CHUNK = re.compile(r"structured: features in tiles of (\d+), contraction in .* tiles \(chunk \d+ of (\d+)\)")
+
+
+def _chunked_budget(model, x, trace_axes, samples) -> int:
+    """A budget that holds the largest unit's features of all samples beside one sample's work, and half of it less
+    than all units' features: at least two chunks."""
+    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
+    f = canonical_fn(model.apply_fn, layout)
+    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
+    cover = structured.coverage(f, model.params, x)
+    stored = [samples * structured.split_bytes(profile, samples, samples, cover, same=False, chunk=(u,))[0]
+              for u in range(structured.units(cover))]
+    _, build_bytes, contract_bytes = structured.split_bytes(profile, samples, samples, cover, same=False)
+    budget = max(stored) + build_bytes(1) + contract_bytes(1, 1)
+    assert budget // 2 < sum(stored)
+    return budget
+
+
+@pytest.mark.parametrize(("case", "trace_axes", "groups"), [("batchnorm", (-1,), None), ("cnn", (), "layers")])
+def test_chunked_structured_kernel_equals_reference(case, trace_axes, groups, dtype, caplog):
+    model, x1, _ = make_case(case, dtype)
+    tolerance = {"float32": 1e-5, "float64": 1e-10}[np.dtype(dtype).name]
+    for a, b in [(x1, None)]:
+        budget = _chunked_budget(model, x1, trace_axes, a.shape[0])
+        kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="structured", groups=groups,
+                                 memory_budget=budget)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
+            kernels = kernel_fn(model.params, a, b)
+        counts = {int(count) for _, count in _CHUNK.findall(caplog.text)}
+        assert counts and min(counts) >= 2, caplog.text[-2000:]
+        if groups is None:
+            kernels = {"all": kernels}
+        paths = ntkcv.parameter_groups(model.params, groups) if groups else {"all": None}
+        for name, leaves in paths.items():
+            keep = None if leaves is None else (lambda path, leaves=leaves: jax.tree_util.keystr(
+                path, simple=True, separator="/") in leaves)
+            expected = reference_kernel(model.apply_fn, model.params, a, a if b is None else b, trace_axes, keep)
+            assert relative_error(kernels[name], expected) < tolerance, name
+
+
+def test_chunks_run_one_after_the_other_and_add_exactly():
+    """Each chunk's inputs wait for the previous chunks' sum through an exact zero, also when that sum is not
+    finite."""
+    x = jnp.arange(6.0).reshape(3, 2)
+    for value in (jnp.array([[jnp.nan, 1.0]]), jnp.array([[jnp.inf]]), jnp.array([[2.0]])):
+        assert np.array_equal(tiling._after(value, x), x)
+    ids = jnp.arange(4, dtype=jnp.int32)
+    assert tiling._after(jnp.array([jnp.nan]), ids).dtype == jnp.int32
+
+    def features(x):
+        return x
+
+    def contract(f1, f2):
+        return (f1 @ f2.T,)
+
+    chunks = [(features, contract, 2, (3, 3))] * 3
+    assert np.allclose(tiling.tiled_split_chunks(chunks, x, None)[0], 3 * x @ x.T)
+
+
+@pytest.mark.skipif(not ntk_compile_options(), reason="options for XLA's CPU backend")
+def test_kernel_programs_are_compiled_without_ynnpack_fusions_and_still_nest_in_jit():
+    model, x, _ = make_case("cnn")
+    kernel_fn = ntkcv.ntk_fn(model.apply_fn)
+    text = kernel_fn.lower(model.params, x).compile().as_text()
+    assert "ynn_fusion" not in text, re.findall(r".{150}ynn_fusion.{60}", text)[:1]
+    nested = jax.jit(lambda params, x: kernel_fn(params, x) * 2)(model.params, x)
+    assert relative_error(nested, 2 * kernel_fn(model.params, x)) < 1e-5
