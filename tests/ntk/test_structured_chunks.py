@@ -18,6 +18,13 @@ from ntkcv.ntk.profile import profile_model
 from ntkcv.ntk.validate import check_params
 from tests.ntk.models import make_case, reference_kernel, relative_error
 
+
+@pytest.fixture
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
 _CHUNK = re.compile(r"structured: features in tiles of (\d+), contraction in .* tiles \(chunk \d+ of (\d+)\)")
 
 
@@ -37,9 +44,9 @@ def _chunked_budget(model, x, trace_axes, samples) -> int:
 
 
 @pytest.mark.parametrize(("case", "trace_axes", "groups"), [("batchnorm", (-1,), None), ("cnn", (), "layers")])
-def test_chunked_structured_kernel_equals_reference(case, trace_axes, groups, dtype, caplog):
-    model, x1, _ = make_case(case, dtype)
-    tolerance = {"float32": 1e-5, "float64": 1e-10}[np.dtype(dtype).name]
+@pytest.mark.usefixtures("float64")
+def test_chunked_structured_kernel_equals_reference(case, trace_axes, groups, caplog):
+    model, x1, _ = make_case(case, jnp.float64)
     for a, b in [(x1, None)]:
         budget = _chunked_budget(model, x1, trace_axes, a.shape[0])
         kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="structured", groups=groups,
@@ -56,7 +63,7 @@ def test_chunked_structured_kernel_equals_reference(case, trace_axes, groups, dt
             keep = None if leaves is None else (lambda path, leaves=leaves: jax.tree_util.keystr(
                 path, simple=True, separator="/") in leaves)
             expected = reference_kernel(model.apply_fn, model.params, a, a if b is None else b, trace_axes, keep)
-            assert relative_error(kernels[name], expected) < tolerance, name
+            assert relative_error(kernels[name], expected) < 1e-10, name
 
 
 def test_chunks_run_one_after_the_other_and_add_exactly():
