@@ -11,7 +11,8 @@ its shapes (multiply-adds, ``n₁, n₂`` samples, ``T`` positions, ``d`` inputs
 outputs, ``O`` kept and ``R`` traced outputs):
 
 - ``"gram"``: Gram matrices of inputs and of cotangents, ``n₁ n₂ T² (d + O² R h)``; memory
-  ``n₁ n₂ T² O²``. Wins for plain Dense layers (``T = 1``).
+  ``n₁ n₂ T² O²``. Wins for plain Dense layers (``T = 1``). With ``O > 1`` kept outputs and ``T > 1`` the input
+  Gram is carried over to one side's cotangents first, ``n₁ n₂ T (T d + O R h (T + O))``, memory ``n₁ n₂ T O R h``.
 - ``"grad"``: per-example weight gradients ``Σ_t u_{at} ⊗ g_{aort}`` contracted pairwise,
   ``(n₁ + n₂) O R T d h + n₁ n₂ O² R d h``; memory ``(n₁ + n₂) O R d h``. Wins for convolutions and
   long sequences.
@@ -319,11 +320,15 @@ def _route_costs(layer: _Planned, n1: int, n2: int, kept: int, traced: int, *, s
     t, d, h = layer.positions, layer.in_size, layer.out_size
     pairs = n1 if diagonal else n1 * n2
     built = n1 if same or diagonal else n1 + n2
-    gram = pairs * t * t * ((1 if layer.kind == "embed" else d) + kept * kept * traced * h)
+    inputs = t * t * (1 if layer.kind == "embed" else d)
+    if kept == 1 or t == 1:  # cotangent Gram, then weighted by the input Gram
+        gram, pair = inputs + t * t * kept * kept * traced * h, t * t * (kept * kept + 1)
+    else:  # input Gram carried over to one side's cotangents first (see _layer_kernel)
+        gram, pair = inputs + t * kept * traced * h * (t + kept), t * (t + kept * traced * h)
     build = built * kept * traced * _weight_gradient_macs(layer)
     grad = build + pairs * kept * kept * traced * d * h
-    pair, sample = t * t * kept * kept, kept * traced * d * h
-    return {"gram": (gram, pairs * pair, pair), "grad": (grad, built * sample, sample)}
+    sample = kept * traced * d * h
+    return {"gram": (pairs * gram, pairs * pair, pair), "grad": (grad, built * sample, sample)}
 
 
 def _choose(costs) -> str:
@@ -370,8 +375,12 @@ def _layer_kernel(layer, features1, features2, route):
         return a[:, :, None, None] * _pair_products(g1[:, 0].reshape(g1.shape[0], g1.shape[2], -1),
                                                     g2[:, 0].reshape(g2.shape[0], g2.shape[2], -1))
     a = _input_gram(layer, u1, u2, g1.dtype)
-    b = jnp.einsum("atorh,bsqrh->atbsoq", g1, g2)
-    return jnp.einsum("atbs,atbsoq->aboq", a, b)
+    if g1.shape[2] == 1:  # one kept output: the cotangents' Gram (n₁T × n₂S) in one product
+        b = jnp.einsum("atorh,bsqrh->atbsoq", g1, g2)
+        return jnp.einsum("atbs,atbsoq->aboq", a, b)
+    # O kept outputs: n₁n₂T(S + O)ORh multiply-adds instead of the cotangent Gram's n₁n₂T²O²Rh
+    carried = jnp.einsum("atbs,bsqrh->atbqrh", a, g2)
+    return jnp.einsum("atorh,atbqrh->aboq", g1, carried)
 
 
 def _layer_diagonal(layer, factors, route):
@@ -575,7 +584,7 @@ def split_bytes(profile: ModelProfile, n1: int, n2: int, cover: Coverage, *, sam
             stored += o * r * d * h
         else:
             stored += t * (d + o * r * h)
-            pair += t * t * (o * o + 1) if t > 1 else 0
+            pair += _route_costs(layer, 1, 1, o, r, same=True)["gram"][2] if t > 1 else 0
 
     def build_bytes(b: int, _: int = 0) -> int:
         return b * ((stored + factors) * item + o * r * profile.activation_bytes)

@@ -150,10 +150,11 @@ def test_nnx_embed_linear_general_and_shared_linear(dtype):
 
 @pytest.mark.parametrize("route", ["gram", "grad"])
 def test_both_contraction_routes_are_exact(route, monkeypatch):
-    """Force one route for every layer (the cost model picks per layer) on conv, sequence and embed layers."""
+    """Force one route for every layer (the cost model picks per layer) on conv, sequence and embed layers, with one
+    kept output and with several (the Gram route then carries the input Gram over to the cotangents)."""
     monkeypatch.setattr(structured, "_choose", lambda costs: route)
     with jax.enable_x64(True):
-        for case, trace_axes in [("cnn", (-1,)), ("sequence", ())]:
+        for case, trace_axes in [("cnn", (-1,)), ("cnn", ()), ("sequence", ())]:
             model, x1, x2 = make_case(case, jnp.float64)
             check_tiles(model, x1, x2, jnp.float64, [trace_axes])
 
