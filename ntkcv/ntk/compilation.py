@@ -52,15 +52,17 @@ def quick_compile_options(backend: str | None = None, *, background: bool = Fals
     """Compile options for ``backend`` (default: JAX's default backend) that shorten compilation without slowing
     the program: :data:`QUICK_CPU_OPTIONS` on CPU, with :data:`BACKGROUND_CPU_OPTIONS` for a compile that runs
     beside a training loop (``background``), when this XLA accepts them; otherwise none."""
-    backend = backend or jax.default_backend()
-    options = {**QUICK_CPU_OPTIONS, **(BACKGROUND_CPU_OPTIONS if background else {})}
-    return options if backend == "cpu" and _cpu_accepts(tuple(sorted(options.items()))) else {}
+    return _on_cpu({**QUICK_CPU_OPTIONS, **(BACKGROUND_CPU_OPTIONS if background else {})}, backend)
 
 
 def ntk_compile_options(backend: str | None = None) -> dict[str, Any]:
     """Compile options for a program that computes an NTK on ``backend`` (default: JAX's default backend):
     :data:`NTK_CPU_OPTIONS` on CPU when this XLA accepts them; otherwise none. They apply to the jitted function they
     are given to, never to the process; inside another ``jit`` the outer function's options rule."""
+    return _on_cpu(NTK_CPU_OPTIONS, backend)
+
+
+def _on_cpu(options: dict[str, Any], backend: str | None) -> dict[str, Any]:
+    """``options`` when ``backend`` (default: JAX's default backend) is the CPU and this XLA accepts them; else none."""
     backend = backend or jax.default_backend()
-    options = tuple(sorted(NTK_CPU_OPTIONS.items()))
-    return dict(options) if backend == "cpu" and _cpu_accepts(options) else {}
+    return dict(options) if backend == "cpu" and _cpu_accepts(tuple(sorted(options.items()))) else {}

@@ -103,13 +103,12 @@ class _Costs:
                 return structured.split_bytes(self._profile, n1, n2, self._cover, same=same, chunk=chunk)
             return jacobian.split_bytes(self._profile, n1, n2, num_params=sum(self._leaf_sizes[i] for i in chunk))
 
-        def planned(chunk):
+        def planned(chunk):  # at most half the budget stored, so that features are built many samples at a time
             stored, build_bytes, contract_bytes = sizes(chunk)
+            if samples * stored > budget // 2:
+                return None
             return plan_split(n1, n2, samples * stored, build_bytes, self._with_blocks(contract_bytes), budget,
                               devices)
-
-        def fits(chunk):  # at most half the budget stored, so that features are built many samples at a time
-            return samples * sizes(chunk)[0] <= budget // 2 and planned(chunk) is not None
 
         def split(chunk):
             if chosen is Implementation.STRUCTURED:
@@ -119,7 +118,7 @@ class _Costs:
         if chosen is Implementation.STRUCTURED and not self._cover.layers:
             return None  # structured is then jacobian, whose tiles it takes
         count = structured.units(self._cover) if chosen is Implementation.STRUCTURED else len(self._leaf_sizes)
-        chunks = plan_chunks(count, fits)
+        chunks = plan_chunks(count, lambda chunk: planned(chunk) is not None)
         if chunks is None:
             return None
         return [(*split(chunk), *planned(chunk)) for chunk in chunks]
