@@ -95,33 +95,53 @@ class _Costs:
         """The chunks of ``chosen``'s split path for :func:`tiled_split_chunks`, each sample's features built once per
         chunk and contracted in tiles: chunks of consecutive units (leaves for ``jacobian``, gradient leaves and
         layers for ``structured``) whose features of all samples take at most half of ``budget``, the rest for
-        building them and one tile's work; ``None`` when one unit's do not fit."""
-        samples = n1 if same else n1 + n2
+        building them and one tile's work; ``None`` when one unit's do not fit.
 
-        def sizes(chunk):
-            if chosen is Implementation.STRUCTURED:
-                return structured.split_bytes(self._profile, n1, n2, self._cover, same=same, chunk=chunk)
+        ``structured`` also tries deferring weight gradients to the contraction (``structured.split_fn``'s
+        ``defer``), which stores less and so may need fewer chunks, and takes it when its estimated extra work,
+        the weight gradients formed per tile, is less than that of the chunks it saves: each chunk after the first
+        one more backward pass per sample and output (≈ 2 forward passes)."""
+        samples = n1 if same else n1 + n2
+        structured_path = chosen is Implementation.STRUCTURED
+
+        def sizes(chunk, defer):
+            if structured_path:
+                return structured.split_bytes(self._profile, n1, n2, self._cover, same=same, chunk=chunk, defer=defer)
             return jacobian.split_bytes(self._profile, n1, n2, num_params=sum(self._leaf_sizes[i] for i in chunk))
 
-        def planned(chunk):  # at most half the budget stored, so that features are built many samples at a time
-            stored, build_bytes, contract_bytes = sizes(chunk)
+        def planned(chunk, defer):  # at most half the budget stored, so that features are built many samples at a time
+            stored, build_bytes, contract_bytes = sizes(chunk, defer)
             if samples * stored > budget // 2:
                 return None
             return plan_split(n1, n2, samples * stored, build_bytes, self._with_blocks(contract_bytes), budget,
                               devices)
 
-        def split(chunk):
-            if chosen is Implementation.STRUCTURED:
-                return structured.split_fn(f, params, x, n1, n2, same=same, cover=self._cover, chunk=chunk)
+        def chunks(defer):
+            plan = plan_chunks(count, lambda chunk: planned(chunk, defer) is not None)
+            return None if plan is None else [(chunk, *planned(chunk, defer)) for chunk in plan]
+
+        def extra_flops(plan, defer):
+            profile = self._profile
+            passes = (len(plan) - 1) * samples * profile.kept * profile.traced * 2 * profile.forward_flops
+            formed = (structured.deferral_macs(profile, n1, n2, self._cover, tiles, same=same, chunk=chunk)
+                      for chunk, _, tiles in plan if defer)
+            return passes + 2 * sum(formed)
+
+        def split(chunk, defer):
+            if structured_path:
+                return structured.split_fn(f, params, x, n1, n2, same=same, cover=self._cover, chunk=chunk,
+                                           defer=defer)
             return jacobian.split_fn(f, params, groups=self._groups, leaves=chunk)
 
-        if chosen is Implementation.STRUCTURED and not self._cover.layers:
+        if structured_path and not self._cover.layers:
             return None  # structured is then jacobian, whose tiles it takes
-        count = structured.units(self._cover) if chosen is Implementation.STRUCTURED else len(self._leaf_sizes)
-        chunks = plan_chunks(count, lambda chunk: planned(chunk) is not None)
-        if chunks is None:
+        count = structured.units(self._cover) if structured_path else len(self._leaf_sizes)
+        plans = {defer: plan for defer in ((False, True) if structured_path else (False,))
+                 if (plan := chunks(defer)) is not None}
+        if not plans:
             return None
-        return [(*split(chunk), *planned(chunk)) for chunk in chunks]
+        defer = min(plans, key=lambda defer: extra_flops(plans[defer], defer))
+        return [(*split(chunk, defer), feature_tile, tiles) for chunk, feature_tile, tiles in plans[defer]]
 
 
 # equal estimates go to the first: structured does the Jacobian's work in larger products (each sample's layer inputs

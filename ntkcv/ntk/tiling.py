@@ -1,10 +1,12 @@
 """Tiles over ``(x₁, x₂)`` within a memory budget, spread over all devices (all processes' under ``jax.distributed``).
 
 The kernel is computed block by block: ``x₁`` is cut into row tiles of ``b₁`` samples and ``x₂`` into
-column tiles of ``b₂`` (the last tile padded by repeating a sample, the padding cut from the result,
-so ``N`` need not divide). Row tiles are sharded over the devices (:mod:`ntkcv.ntk.devices`) with
-``jax.shard_map``; each device loops over its row tiles and all column tiles with ``lax.map``, so peak memory is
-that of one tile per device.
+column tiles of ``b₂``, so peak memory is that of one tile per device. On one device each block is written into the
+kernel in place, the last tile ending at ``N`` (overlapping the one before it), and a kernel of ``x₁`` with itself
+computes only the tiles on and above the diagonal. On several, row tiles are sharded over the devices
+(:mod:`ntkcv.ntk.devices`) with ``jax.shard_map`` (the last tile padded by repeating a sample, the padding cut from
+the result, so ``N`` need not divide) and each device loops over its row tiles and all column tiles with
+``lax.map``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from ntkcv.ntk.devices import num_devices, on_devices
 
 TileBytesFn = Callable[[int, int], int]  # (b1, b2) -> estimated peak bytes of one tile
 
-# loops over at most this many tiles or chunks are unrolled: XLA's CPU runtime ran the same features 2.5 times slower
-# inside a while loop than outside one (benchmarks/NOTES.md, "Structured path at ResNet-18 scale")
+# loops over at most this many tiles or chunks (on one device) are unrolled: XLA's CPU runtime ran the same features
+# 2.5 times slower inside a while loop than outside one (benchmarks/NOTES.md, "Structured path at ResNet-18 scale")
 _UNROLLED = 8
 
 
@@ -91,18 +93,19 @@ def _unsplit(tree, n: int):
 
 def tiled_kernel(tile_fn: Callable[[jax.Array, jax.Array | None], Any], x1: jax.Array, x2: jax.Array | None,
                  tiles: tuple[int, int]) -> Any:
-    """Assemble kernels ``(N₁, N₂, …)`` from ``tile_fn(x1_tile, x2_tile)``, a pytree of ``(b₁, b₂, …)`` blocks
+    """Assemble kernels ``(N₁, N₂, …)`` from ``tile_fn(x1_tile, x2_tile)``, a pytree of ``(b₁, b₂, O, O)`` blocks
     (one per parameter group).
 
-    ``x2=None`` means ``x2 = x1``; when one tile covers everything ``tile_fn`` gets ``None`` and may
-    reuse work.
+    ``x2=None`` means ``x2 = x1``; ``tile_fn`` may get ``None`` for a tile of ``x1`` against itself and reuse work.
+    On one device the tiles are written in place (:func:`_tiles_in_place`); on several, each device loops over its
+    row tiles.
     """
     b1, b2 = tiles
     n1 = _size(x1)
     n2 = n1 if x2 is None else _size(x2)
     devices = num_devices()
-    if devices == 1 and (b1, b2) == (n1, n2):
-        return tile_fn(x1, x2)
+    if devices == 1:
+        return tile_fn(x1, x2) if (b1, b2) == (n1, n2) else _tiles_in_place(tile_fn, x1, x2, tiles)
     columns = _split(x1 if x2 is None else x2, b2)
     rows = _split(x1, b1, devices)
 
@@ -114,6 +117,49 @@ def tiled_kernel(tile_fn: Callable[[jax.Array, jax.Array | None], Any], x1: jax.
         return jnp.swapaxes(blocks, 1, 2).reshape((t1 * b1, t2 * b2) + blocks.shape[4:])[:n1, :n2]
 
     return jax.tree_util.tree_map(assemble, on_devices(local_rows, rows, columns))
+
+
+def _tiles_in_place(tile_fn: Callable, x1: Any, x2: Any | None, tiles: tuple[int, int]) -> Any:
+    """:func:`tiled_kernel` on one device: each block written into the whole kernel in place, the last tile of a row
+    or column ending at ``N`` (overlapping the one before it), so nothing is padded. For ``x₂ = x₁`` (square tiles)
+    only the tiles on and above the diagonal are computed, ``Θ(x_b, x_a)_{qo} = Θ(x_a, x_b)_{oq}`` filling the
+    others (ResNet-18's full kernel at N = 64: 6 tiles instead of 9, 31.0 s → 23.7 s). Up to ``_UNROLLED`` tiles run
+    one after the other (:func:`after`), more in a loop."""
+    (b1, b2), n1 = tiles, _size(x1)
+    n2 = n1 if x2 is None else _size(x2)
+    symmetric, other = x2 is None and b1 == b2, x1 if x2 is None else x2
+    rows = [min(i * b1, n1 - b1) for i in range(math.ceil(n1 / b1))]
+    columns = [min(j * b2, n2 - b2) for j in range(math.ceil(n2 / b2))]
+    pairs = [(r, c) for i, r in enumerate(rows) for j, c in enumerate(columns) if not (symmetric and j < i)]
+    take = lambda tree, start, size: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), tree)
+    shapes = jax.eval_shape(tile_fn, take(x1, 0, b1), take(other, 0, b2))
+    out = jax.tree_util.tree_map(lambda s: jnp.zeros((n1, n2) + s.shape[2:], s.dtype), shapes)
+
+    def step(out, r, c, *, diagonal: bool, unrolled: bool):
+        a, b = take(x1, r, b1), None if diagonal else take(other, c, b2)
+        if unrolled:
+            a, b = after(out, (a, b))
+        blocks = tile_fn(a, b)
+        out = _written(out, blocks, (r, c))
+        if symmetric and not diagonal:  # in a loop a diagonal tile is also written transposed over itself
+            out = _written(out, jax.tree_util.tree_map(lambda k: jnp.swapaxes(jnp.swapaxes(k, 0, 1), -1, -2),
+                                                       blocks), (c, r))
+        return out
+
+    if len(pairs) > _UNROLLED:
+        starts = jnp.asarray(pairs)
+        return jax.lax.fori_loop(0, len(pairs), lambda i, out: step(
+            out, starts[i, 0], starts[i, 1], diagonal=False, unrolled=False), out)
+    for r, c in pairs:
+        out = step(out, r, c, diagonal=symmetric and r == c, unrolled=True)
+    return out
+
+
+def _written(out: Any, blocks: Any, start: tuple) -> Any:
+    """``out`` with ``blocks`` written in place from ``start`` (row, column)."""
+    return jax.tree_util.tree_map(
+        lambda o, k: jax.lax.dynamic_update_slice(o, k, (*start, *(0,) * (k.ndim - 2))), out, blocks)
 
 
 def tiled_per_sample(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
@@ -128,7 +174,7 @@ def tiled_per_sample(fn: Callable[[jax.Array], object], x: jax.Array, tile: int)
 def _in_place(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
     """``fn(x)`` a tile of samples at a time, each tile's result written into the whole result in place; the last
     tile ends at sample ``N`` (overlapping the one before it), so nothing is padded and nothing copied at the end.
-    Up to ``_UNROLLED`` tiles one after the other (:func:`_after`), more in a loop."""
+    Up to ``_UNROLLED`` tiles one after the other (:func:`after`), more in a loop."""
     n, tile = _size(x), min(tile, _size(x))
     fn = jax.jit(fn)  # traced once, for the shapes of its results and for the loop
     take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, tile)  # noqa: E731
@@ -136,7 +182,7 @@ def _in_place(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
 
     def body(t, out):
         start = jnp.minimum(t * tile, n - tile)
-        part = fn(jax.tree_util.tree_map(lambda a: take(a, start), _after(out, x) if unrolled else x))
+        part = fn(jax.tree_util.tree_map(lambda a: take(a, start), after(out, x) if unrolled else x))
         return jax.tree_util.tree_map(lambda o, p: jax.lax.dynamic_update_slice_in_dim(o, p, start, 0), out, part)
 
     out = jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
@@ -149,7 +195,7 @@ def _in_place(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
     return out
 
 
-def _after(value: Any, tree: Any) -> Any:
+def after(value: Any, tree: Any) -> Any:
     """``tree`` plus a zero computed from ``value``: what is computed from it waits for ``value``, and XLA's scheduler
     need not hold both steps' work at once (XLA's CPU pipeline drops ``optimization_barrier``). The zero is exact
     (a non-finite entry of ``value`` counts as 0)."""
@@ -199,12 +245,12 @@ def tiled_split_kernel(features_fn: Callable, contract_fn: Callable, x1: jax.Arr
 def tiled_split_chunks(chunks: Sequence[tuple[Callable, Callable, int, tuple[int, int]]], x1: jax.Array,
                        x2: jax.Array | None) -> Any:
     """The sum over ``chunks`` of :func:`tiled_split_kernel` ``(features_fn, contract_fn, feature_tile, tiles)``
-    (e.g. Θ = Σ_chunks J J^T over chunks of parameters), one chunk after the other (:func:`_after`; over more than
+    (e.g. Θ = Σ_chunks J J^T over chunks of parameters), one chunk after the other (:func:`after`; over more than
     ``_UNROLLED`` chunks, in a loop), so that only one chunk's features are held at a time."""
     if len(chunks) <= _UNROLLED:
         total = None
         for chunk in chunks:
-            inputs = (x1, x2) if total is None else _after(total, (x1, x2))
+            inputs = (x1, x2) if total is None else after(total, (x1, x2))
             kernels = tiled_split_kernel(*chunk[:2], *inputs, *chunk[2:])
             total = kernels if total is None else jax.tree_util.tree_map(jnp.add, total, kernels)
         return total

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ntkcv
+from ntkcv.ntk import tiling
 from ntkcv.ntk.tiling import tiled_split_kernel
 from tests.ntk.models import CASES, budget_for_tile, make_case, reference_kernel, relative_error
 
@@ -102,3 +103,22 @@ def test_split_tiler_builds_features_once_and_contracts_in_tiles():
     same = tiled_split_kernel(features_fn, contract_fn, jnp.asarray(x1), None, 5, (4, 4))
     norms = np.sum(x1**2, 1)
     np.testing.assert_allclose(same[:, :, 0, 0], x1 @ x1.T + np.outer(norms, norms), rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_of_one_input_set_computes_only_the_tiles_on_and_above_the_diagonal():
+    """Three tiles a side, the last overlapping: 6 tiles computed (3 of them against themselves, passed ``None``),
+    the 3 below the diagonal filled by transposing, with the output axes swapped."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(11, 3)))
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, 4)))
+    calls = []
+
+    def tile_fn(a, b):  # Σ_k φ_ok(a) φ_qk(b): Θ(b, a)_{qo} = Θ(a, b)_{oq}, but not symmetric in (o, q)
+        calls.append(b is None)
+        features = lambda x: jnp.tanh(jnp.einsum("ad,dok->aok", x, weights))  # noqa: E731
+        return (jnp.einsum("aok,bqk->aboq", features(a), features(a if b is None else b)),)
+
+    (kernel,) = tiling.tiled_kernel(tile_fn, x, None, (4, 4))
+    # the first call gives the blocks' shapes; then the row of tiles from 0 (against itself, 4, 7), from 4, from 7
+    assert calls == [False, True, False, False, True, False, True]
+    (expected,) = tile_fn(x, x)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,11 @@
 """The ``structured`` implementation when all samples' features do not fit the memory budget: chunks of units (the
-leaves taken as per-sample gradients, then the covered layers), each sample's features built once per chunk; and the
-programs compiled for the CPU without XLA's YNNPACK fusions."""
+leaves taken as per-sample gradients, then the covered layers), each sample's features built once per chunk; weight
+gradients deferred to the contraction; and the programs compiled for the CPU without XLA's YNNPACK fusions."""
 
 import logging
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,14 +67,79 @@ def test_chunked_structured_kernel_equals_reference(case, trace_axes, groups, ca
             assert relative_error(kernels[name], expected) < 1e-10, name
 
 
+class _Deep(nn.Module):
+    """Two convolutions whose inputs and cotangents are smaller than their weight gradients (deferred when traced)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.relu(nn.Conv(24, (3, 3), strides=(2, 2))(x))
+        x = jnp.tanh(nn.Conv(24, (3, 3))(x))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def _deep(samples=6):
+    x = jax.random.normal(jax.random.key(1), (samples, 8, 8, 2), jnp.float64)
+    module = _Deep()
+    with jax.numpy_dtype_promotion("standard"):  # flax's float32 parameters meet float64 inputs; cast after
+        variables = module.init(jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables)
+    return ntkcv.from_linen(module, variables), x
+
+
+def _parts(model, x, trace_axes):
+    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
+    f = canonical_fn(model.apply_fn, layout)
+    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
+    return layout, f, profile, structured.coverage(f, model.params, x, None)
+
+
+@pytest.mark.parametrize(("trace_axes", "tiles", "other"),
+                         [((-1,), (6, 6), False), ((), (6, 6), False), ((-1,), (4, 3), False), ((-1,), (6, 6), True)])
+@pytest.mark.usefixtures("float64")
+def test_deferred_weight_gradients_give_the_reference_kernel(trace_axes, tiles, other):
+    """Weight gradients formed per contraction tile from stored inputs and cotangents: one tile of ``x₂ = x₁``
+    (formed once for both sides), several tiles, and a second input set."""
+    model, x = _deep()
+    x2 = x[::-1] * 0.5 + 0.1 if other else None
+    layout, f, _, cover = _parts(model, x, trace_axes)
+    n2 = x.shape[0] if x2 is None else x2.shape[0]
+    features_fn, contract_fn = structured.split_fn(f, model.params, x, x.shape[0], n2, same=x2 is None, cover=cover,
+                                                   defer=True)
+    plan = cover.plan
+    routes = structured._routes(plan, x.shape[0], n2, same=x2 is None)
+    assert structured._deferred(plan, routes), routes
+    (kernel,) = tiling.tiled_split_kernel(features_fn, contract_fn, x, x2, 3, tiles)
+    expected = reference_kernel(model.apply_fn, model.params, x, x if x2 is None else x2, trace_axes)
+    assert relative_error(layout.unflatten_kernel(kernel), expected) < 1e-10
+
+
+@pytest.mark.usefixtures("float64")
+def test_weight_gradients_are_deferred_when_that_saves_chunks(caplog):
+    """A budget that holds every sample's deferred features but not their weight gradients: one chunk, not three."""
+    model, x = _deep()
+    n = x.shape[0]
+    _, _, profile, cover = _parts(model, x, (-1,))
+    sizes = {defer: structured.split_bytes(profile, n, n, cover, same=True, defer=defer) for defer in (False, True)}
+    stored, build_bytes, contract_bytes = sizes[True]
+    budget = max(2 * n * stored, n * stored + build_bytes(1) + contract_bytes(1, 1))
+    assert budget // 2 < n * sizes[False][0] and structured.tile_bytes(profile, n, n, cover) > budget
+    kernel_fn = ntkcv.ntk_fn(model.apply_fn, implementation="structured", memory_budget=budget)
+    with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
+        kernel = kernel_fn(model.params, x)
+    assert {int(count) for _, count in _CHUNK.findall(caplog.text)} == {1}, caplog.text[-2000:]
+    assert caplog.text.count("weight gradients formed per tile") == 2
+    assert relative_error(kernel, reference_kernel(model.apply_fn, model.params, x, x, (-1,))) < 1e-10
+
+
 def test_chunks_run_one_after_the_other_and_add_exactly():
     """Each chunk's inputs wait for the previous chunks' sum through an exact zero, also when that sum is not
     finite."""
     x = jnp.arange(6.0).reshape(3, 2)
     for value in (jnp.array([[jnp.nan, 1.0]]), jnp.array([[jnp.inf]]), jnp.array([[2.0]])):
-        assert np.array_equal(tiling._after(value, x), x)
+        assert np.array_equal(tiling.after(value, x), x)
     ids = jnp.arange(4, dtype=jnp.int32)
-    assert tiling._after(jnp.array([jnp.nan]), ids).dtype == jnp.int32
+    assert tiling.after(jnp.array([jnp.nan]), ids).dtype == jnp.int32
 
     def features(x):
         return x
