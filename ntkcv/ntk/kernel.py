@@ -98,9 +98,9 @@ class _Costs:
         building them and one tile's work; ``None`` when one unit's do not fit.
 
         ``structured`` also tries deferring weight gradients to the contraction (``structured.split_fn``'s
-        ``defer``), which stores less and so may need fewer chunks, and takes it when its estimated extra work,
-        the weight gradients formed per tile, is less than that of the chunks it saves: each chunk after the first
-        one more backward pass per sample and output (≈ 2 forward passes)."""
+        ``defer``), which stores less and so may need fewer chunks, and takes it when that is estimated to cost
+        less: each chunk's backward passes, one per sample and output (≈ 2 forward passes) down to its first layer
+        (``structured.backward_share``), plus the weight gradients formed per tile (``structured.deferral_macs``)."""
         samples = n1 if same else n1 + n2
         structured_path = chosen is Implementation.STRUCTURED
 
@@ -120,12 +120,12 @@ class _Costs:
             plan = plan_chunks(count, lambda chunk: planned(chunk, defer) is not None)
             return None if plan is None else [(chunk, *planned(chunk, defer)) for chunk in plan]
 
-        def extra_flops(plan, defer):
+        def estimated_flops(plan, defer):  # what differs between the plans of structured's split path
             profile = self._profile
-            passes = (len(plan) - 1) * samples * profile.kept * profile.traced * 2 * profile.forward_flops
-            formed = (structured.deferral_macs(profile, n1, n2, self._cover, tiles, same=same, chunk=chunk)
-                      for chunk, _, tiles in plan if defer)
-            return passes + 2 * sum(formed)
+            passes = samples * profile.kept * profile.traced * 2 * profile.forward_flops
+            return sum(passes * structured.backward_share(self._cover, chunk) + 2 * (structured.deferral_macs(
+                profile, n1, n2, self._cover, tiles, same=same, chunk=chunk) if defer else 0)
+                for chunk, _, tiles in plan)
 
         def split(chunk, defer):
             if structured_path:
@@ -140,7 +140,7 @@ class _Costs:
                  if (plan := chunks(defer)) is not None}
         if not plans:
             return None
-        defer = min(plans, key=lambda defer: extra_flops(plans[defer], defer))
+        defer = min(plans, key=lambda defer: estimated_flops(plans[defer], defer)) if structured_path else False
         return [(*split(chunk, defer), feature_tile, tiles) for chunk, feature_tile, tiles in plans[defer]]
 
 

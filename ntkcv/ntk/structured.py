@@ -69,7 +69,7 @@ from ntkcv.ntk.groups import LeafGroups, group_sums
 from ntkcv.ntk.interception import LayerCall, Unfactorised, intercepting
 from ntkcv.ntk.jacobian import CanonicalFn
 from ntkcv.ntk.profile import ModelProfile
-from ntkcv.ntk.tiling import after
+from ntkcv.ntk.tiling import after, tile_starts
 
 logger = logging.getLogger("ntkcv.ntk")
 
@@ -235,6 +235,10 @@ def _plan(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | None =
 
 
 def _patches(u, config):
+    """One call's input patches ``(T, d)``, one row per output position: the padded (and, for a transposed
+    convolution, dilated) input sliced once per kernel offset (features ordered (offset, channel); only inner
+    products of rows are used). ``lax.conv_general_dilated_patches`` gives the same rows as a convolution with a
+    one-hot kernel, ``T d²`` multiply-adds: on CPU as many as the layer's own backward passes."""
     kernel_size, strides, padding, lhs_dilation, rhs_dilation = config
     rank = len(kernel_size)
     u = u.reshape((-1,) + u.shape[u.ndim - rank - 1 :])  # all batch axes (or none) into one
@@ -244,12 +248,18 @@ def _patches(u, config):
         u, padding = jnp.pad(u, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]), "VALID"
     elif padding == "CAUSAL":
         u, padding = jnp.pad(u, [(0, 0), (rhs_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)]), "VALID"
-    spec = (0, rank + 1, *range(1, rank + 1))
-    numbers = jax.lax.ConvDimensionNumbers(spec, (rank + 1, rank, *range(rank)), spec)
-    patches = jax.lax.conv_general_dilated_patches(
-        u, kernel_size, strides, padding, lhs_dilation, rhs_dilation, numbers,
-        precision=jax.lax.Precision.HIGHEST,
-    )
+    window = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs_dilation, strict=True)]
+    if isinstance(padding, str):  # as lax.conv_general_dilated: only without input dilation
+        padding = jax.lax.padtype_to_pads(u.shape[1:-1], window, strides, padding)
+    u = jax.lax.pad(u, jnp.zeros((), u.dtype), [(0, 0, 0), *((lo, hi, dilation - 1) for (lo, hi), dilation
+                                                            in zip(padding, lhs_dilation, strict=True)), (0, 0, 0)])
+    out = [(n - w) // s + 1 for n, w, s in zip(u.shape[1:-1], window, strides, strict=True)]
+    slices = []
+    for offset in itertools.product(*map(range, kernel_size)):
+        start = [o * d for o, d in zip(offset, rhs_dilation, strict=True)]
+        limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out, strides, strict=True)]
+        slices.append(jax.lax.slice(u, (0, *start, 0), (u.shape[0], *limit, u.shape[-1]), (1, *strides, 1)))
+    patches = jnp.concatenate(slices, axis=-1)
     return patches.reshape(-1, patches.shape[-1])
 
 
@@ -633,14 +643,27 @@ def split_bytes(profile: ModelProfile, n1: int, n2: int, cover: Coverage, *, sam
 
 def deferral_macs(profile: ModelProfile, n1: int, n2: int, cover: Coverage, tiles: tuple[int, int], *, same: bool,
                   chunk: Sequence[int] | None = None) -> int:
-    """Multiply-adds that ``defer`` adds to :func:`split_fn` contracted in ``b₁ × b₂`` ``tiles``: each deferred
-    layer's weight gradients ``O R T d h`` per sample, formed for both sides of every tile instead of once per
-    sample (none when one tile covers a kernel of ``x₂ = x₁``)."""
+    """Multiply-adds that ``defer`` adds to :func:`split_fn` contracted in ``b₁ × b₂`` ``tiles``
+    (:func:`ntkcv.ntk.tiling.tile_starts`): each deferred layer's weight gradients, ``O R T d h`` per sample, formed
+    for both sides of every tile (once for a tile against itself) instead of once per sample."""
     (b1, b2), o, r = tiles, profile.kept, profile.traced
     plan = _chunk(cover.plan, chunk)
     if same and (b1, b2) == (n1, n2):
         return 0
     deferred = _deferred(plan, _routes(plan, n1, n2, same=same))
     per_sample = o * r * sum(_weight_gradient_macs(layer) for layer in deferred)
-    formed = math.ceil(n1 / b1) * math.ceil(n2 / b2) * (b1 + b2)
+    symmetric = same and b1 == b2
+    formed = sum(b1 if symmetric and row == column else b1 + b2
+                 for row, column in tile_starts(n1, n2, tiles, symmetric=symmetric))
     return (formed - (n1 if same else n1 + n2)) * per_sample
+
+
+def backward_share(cover: Coverage, chunk: Sequence[int]) -> float:
+    """The share of a whole backward pass that the units numbered ``chunk`` need (it stops at their first layer):
+    1 with a leaf taken as a per-sample gradient, else the covered layers' ``Σ T d h`` from the first one on over
+    all of theirs (a layer's backward pass costs about its forward multiply-adds)."""
+    plan, first = cover.plan, len(cover.plan.gradients)
+    if min(chunk) < first:
+        return 1.0
+    work = [_weight_gradient_macs(layer) for layer in plan.layers]
+    return sum(work[min(chunk) - first:]) / sum(work)

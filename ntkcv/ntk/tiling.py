@@ -128,9 +128,7 @@ def _tiles_in_place(tile_fn: Callable, x1: Any, x2: Any | None, tiles: tuple[int
     (b1, b2), n1 = tiles, _size(x1)
     n2 = n1 if x2 is None else _size(x2)
     symmetric, other = x2 is None and b1 == b2, x1 if x2 is None else x2
-    rows = [min(i * b1, n1 - b1) for i in range(math.ceil(n1 / b1))]
-    columns = [min(j * b2, n2 - b2) for j in range(math.ceil(n2 / b2))]
-    pairs = [(r, c) for i, r in enumerate(rows) for j, c in enumerate(columns) if not (symmetric and j < i)]
+    pairs = tile_starts(n1, n2, tiles, symmetric=symmetric)
     take = lambda tree, start, size: jax.tree_util.tree_map(  # noqa: E731
         lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), tree)
     shapes = jax.eval_shape(tile_fn, take(x1, 0, b1), take(other, 0, b2))
@@ -154,6 +152,15 @@ def _tiles_in_place(tile_fn: Callable, x1: Any, x2: Any | None, tiles: tuple[int
     for r, c in pairs:
         out = step(out, r, c, diagonal=symmetric and r == c, unrolled=True)
     return out
+
+
+def tile_starts(n1: int, n2: int, tiles: tuple[int, int], *, symmetric: bool) -> list[tuple[int, int]]:
+    """The (row, column) starts of the tiles :func:`_tiles_in_place` computes: the last of a row or column ending at
+    ``n``; with ``symmetric`` only those on and above the diagonal."""
+    (b1, b2) = tiles
+    rows = [min(i * b1, n1 - b1) for i in range(math.ceil(n1 / b1))]
+    columns = [min(j * b2, n2 - b2) for j in range(math.ceil(n2 / b2))]
+    return [(r, c) for i, r in enumerate(rows) for j, c in enumerate(columns) if not (symmetric and j < i)]
 
 
 def _written(out: Any, blocks: Any, start: tuple) -> Any:

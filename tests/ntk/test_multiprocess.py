@@ -93,7 +93,7 @@ with open(f"{out}/{process}.json", "w") as file:
 """
 
 # processes x devices per process; 1x2: one process, two devices, without jax.distributed
-CONFIGURATIONS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1), "4x1": (4, 1), "2x2": (2, 2)}
+CONFIGURATIONS = {"1x1": (1, 1), "1x2": (1, 2), "4x1": (4, 1), "2x2": (2, 2)}
 
 
 def _free_port() -> int:
@@ -135,7 +135,7 @@ def runs(tmp_path_factory):
                    for i in range(len(procs))] for name, (out, procs) in launched.items()}
 
 
-@pytest.mark.parametrize("configuration", ["1x2", "2x1", "4x1", "2x2"])
+@pytest.mark.parametrize("configuration", ["1x2", "4x1", "2x2"])
 def test_every_process_gets_the_single_process_results(runs, configuration):
     (expected, _), = runs["1x1"]
     assert len(expected) == 14
@@ -146,7 +146,7 @@ def test_every_process_gets_the_single_process_results(runs, configuration):
         assert facts["addressable"]
 
 
-@pytest.mark.parametrize("configuration", ["1x2", "2x1", "4x1", "2x2"])
+@pytest.mark.parametrize("configuration", ["1x2", "4x1", "2x2"])
 def test_a_kernel_kept_sharded_splits_its_rows_over_the_processes(runs, configuration):
     rows = [facts["rows"] for _, facts in runs[configuration]]
     assert sorted(row for held in rows for row in held) == list(range(8))  # each row on one process
