@@ -238,7 +238,7 @@ def _patches(u, config):
     """One call's input patches ``(T, d)``, one row per output position: the padded (and, for a transposed
     convolution, dilated) input sliced once per kernel offset (features ordered (offset, channel); only inner
     products of rows are used). ``lax.conv_general_dilated_patches`` gives the same rows as a convolution with a
-    one-hot kernel, ``T d²`` multiply-adds: on CPU as many as the layer's own backward passes."""
+    one-hot kernel, ``T d²`` multiply-adds as written (9 times the layer's own for a 3×3 kernel)."""
     kernel_size, strides, padding, lhs_dilation, rhs_dilation = config
     rank = len(kernel_size)
     u = u.reshape((-1,) + u.shape[u.ndim - rank - 1 :])  # all batch axes (or none) into one
@@ -456,8 +456,8 @@ def split_fn(f: CanonicalFn, params: Any, x: jax.Array, n1: int, n2: int, *, sam
     trace and parameter groups are then used; ``None``: traced here, one group. ``chunk``: only these units (see
     :func:`units`; ``None``: all); the kernels summed over chunks that partition the units are Θ_g. ``defer``: the
     "grad" layers whose inputs and cotangents are smaller than their weight gradients store those, and
-    ``contract_fn`` forms their weight gradients, one layer after the other (on CPU, a ResNet-18 stage-3 layer's
-    factors are 19 times smaller; formed once per contraction tile instead of once per sample)."""
+    ``contract_fn`` forms their weight gradients, one layer after the other, per contraction tile instead of once per
+    sample (a ResNet-18 stage-3 layer's inputs and cotangents are 19 times smaller than its weight gradients)."""
     plan = _plan(f, params, x) if cover is None else cover.plan
     if not plan.layers:
         return None

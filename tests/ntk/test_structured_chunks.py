@@ -132,6 +132,22 @@ def test_weight_gradients_are_deferred_when_that_saves_chunks(caplog):
     assert relative_error(kernel, reference_kernel(model.apply_fn, model.params, x, x, (-1,))) < 1e-10
 
 
+@pytest.mark.usefixtures("float64")
+def test_deferral_costs_the_weight_gradients_formed_again_per_tile():
+    """Tiles of 4 over 6 samples of one input set: tiles (0, 0), (0, 2), (2, 2); the diagonal ones form 4 samples'
+    weight gradients, the other 8: 16 instead of 6. A chunk's backward pass stops at its first layer."""
+    model, x = _deep()
+    _, _, profile, cover = _parts(model, x, (-1,))
+    routes = structured._routes(cover.plan, 6, 6, same=True)
+    per_sample = profile.traced * sum(layer.positions * layer.in_size * layer.out_size
+                                      for layer in structured._deferred(cover.plan, routes))
+    assert structured.deferral_macs(profile, 6, 6, cover, (6, 6), same=True) == 0
+    assert structured.deferral_macs(profile, 6, 6, cover, (4, 4), same=True) == 10 * per_sample > 0
+    work = [layer.positions * layer.in_size * layer.out_size for layer in cover.plan.layers]
+    assert structured.backward_share(cover, (0, 1)) == 1.0
+    assert structured.backward_share(cover, (3,)) == pytest.approx(work[3] / sum(work))
+
+
 def test_chunks_run_one_after_the_other_and_add_exactly():
     """Each chunk's inputs wait for the previous chunks' sum through an exact zero, also when that sum is not
     finite."""
