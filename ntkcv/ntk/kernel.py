@@ -109,6 +109,7 @@ class _Costs:
                 return structured.split_bytes(self._profile, n1, n2, self._cover, same=same, chunk=chunk, defer=defer)
             return jacobian.split_bytes(self._profile, n1, n2, num_params=sum(self._leaf_sizes[i] for i in chunk))
 
+        @functools.cache  # asked once while the chunks are cut and again for the chunks kept
         def planned(chunk, defer):  # at most half the budget stored, so that features are built many samples at a time
             stored, build_bytes, contract_bytes = sizes(chunk, defer)
             if samples * stored > budget // 2:
