@@ -59,6 +59,7 @@ from benchmarks.reference_models import (
     RESNET18_SPEC,
     VIT_TINY_SPEC,
     build,
+    peer_env,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -150,7 +151,7 @@ def run_child(side: str, impl: str, paths, trace_axes: str, reps: int, timeout: 
     cmd = [python, "-m", "benchmarks.ntk_speed", "--child", "--side", side, "--implementation", impl,
            "--spec", str(spec), "--inputs", str(x_path), "--params", str(p_path), f"--trace-axes={trace_axes}",
            "--reps", str(reps), "--memory-limit", str(memory_limit), "--out", str(out)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+    env = peer_env() if side == "nt" else {**os.environ, "JAX_PLATFORMS": "cpu"}
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)

@@ -147,6 +147,13 @@ def peer_available() -> bool:
     return PEER_PYTHON.exists() and (PEER_DIR / "nt_kernel.py").exists()
 
 
+def peer_env() -> dict[str, str]:
+    """The environment of a process of the peer's Python: on CPU, TensorFlow quiet, and no ``XLA_FLAGS`` (the peer's
+    older XLA aborts on a flag it does not know)."""
+    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
+            "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
 def run_peer(spec: dict, x: np.ndarray, variables, trace_axes=(-1,), implementations=(1, 2, 3), reps=3,
              timeout=1800) -> dict:
     """neural-tangents' kernels (as it returns them: averaged over traced axes) and median seconds."""
@@ -160,8 +167,7 @@ def run_peer(spec: dict, x: np.ndarray, variables, trace_axes=(-1,), implementat
                    "--inputs", str(tmp / "x.npz"), "--params", str(tmp / "params.npz"), "--out", str(tmp / "out.npz"),
                    "--trace-axes", ",".join(map(str, trace_axes)),
                    "--implementations", ",".join(map(str, implementations)), "--reps", str(reps)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"})
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=peer_env())
         if result.returncode != 0:
             raise RuntimeError(f"peer failed: {result.stderr[-2000:]}")
         return dict(np.load(tmp / "out.npz"))

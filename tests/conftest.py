@@ -6,6 +6,12 @@ import sys
 import jax
 import pytest
 
+# The suite mostly compiles small programs: on CPU, XLA's loop fusion emitters compile them about a third faster than
+# its default MLIR emitters, with identical results (ntkcv.ntk.compilation.QUICK_CPU_OPTIONS). Set before JAX starts
+# its backend, and inherited by the processes tests launch; an XLA_FLAGS that names the option keeps its choice.
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+
 # As in equinox's tests: no implicit float32/float64 or int/float mixes and no broadcasting over missing leading axes
 # (write ``b[None]``), so the library works under the strictest settings a user may choose.
 jax.config.update("jax_numpy_dtype_promotion", "strict")

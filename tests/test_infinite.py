@@ -4,7 +4,6 @@ initialisations, and neural-tangents' ``stax`` (the peer)."""
 
 import json
 import math
-import os
 import subprocess
 
 import flax.linen as nn
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import ntkcv
-from benchmarks.reference_models import PEER_PYTHON, peer_available
+from benchmarks.reference_models import PEER_PYTHON, peer_available, peer_env
 from ntkcv.infinite import empirical_scale, infinite_width_nngp, infinite_width_ntk
 from ntkcv.zoo import MLP
 from tests.ntk.models import relative_error
@@ -206,7 +205,7 @@ def run_peer_kernels(cases: dict, x1: np.ndarray, x2: np.ndarray, tmp_path) -> d
     np.savez(tmp_path / "x.npz", x1=x1, x2=x2)
     result = subprocess.run([str(PEER_PYTHON), "-c", PEER_SCRIPT, json.dumps(cases), str(tmp_path / "x.npz"),
                              str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            env=peer_env())
     if result.returncode:
         raise RuntimeError(f"peer failed: {result.stderr[-2000:]}")
     return dict(np.load(tmp_path / "out.npz"))
