@@ -134,7 +134,8 @@ def _tiles_in_place(tile_fn: Callable, x1: Any, x2: Any | None, tiles: tuple[int
     shapes = jax.eval_shape(tile_fn, take(x1, 0, b1), take(other, 0, b2))
     out = jax.tree_util.tree_map(lambda s: jnp.zeros((n1, n2) + s.shape[2:], s.dtype), shapes)
 
-    def step(out, r, c, *, diagonal: bool, unrolled: bool):
+    def step(out, r, c, unrolled):
+        diagonal = unrolled and symmetric and r == c
         a, b = take(x1, r, b1), None if diagonal else take(other, c, b2)
         if unrolled:
             a, b = after(out, (a, b))
@@ -145,13 +146,7 @@ def _tiles_in_place(tile_fn: Callable, x1: Any, x2: Any | None, tiles: tuple[int
                                                        blocks), (c, r))
         return out
 
-    if len(pairs) > _UNROLLED:
-        starts = jnp.asarray(pairs)
-        return jax.lax.fori_loop(0, len(pairs), lambda i, out: step(
-            out, starts[i, 0], starts[i, 1], diagonal=False, unrolled=False), out)
-    for r, c in pairs:
-        out = step(out, r, c, diagonal=symmetric and r == c, unrolled=True)
-    return out
+    return _each_start(step, out, pairs)
 
 
 def tile_starts(n1: int, n2: int, tiles: tuple[int, int], *, symmetric: bool) -> list[tuple[int, int]]:
@@ -187,18 +182,23 @@ def _in_place(fn: Callable[[jax.Array], object], x: jax.Array, tile: int):
     take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, tile)  # noqa: E731
     shapes = jax.eval_shape(fn, jax.tree_util.tree_map(lambda a: take(a, 0), x))
 
-    def body(t, out):
-        start = jnp.minimum(t * tile, n - tile)
+    def step(out, start, unrolled):
         part = fn(jax.tree_util.tree_map(lambda a: take(a, start), after(out, x) if unrolled else x))
         return jax.tree_util.tree_map(lambda o, p: jax.lax.dynamic_update_slice_in_dim(o, p, start, 0), out, part)
 
     out = jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
-    count = math.ceil(n / tile)
-    unrolled = count <= _UNROLLED
-    if not unrolled:
-        return jax.lax.fori_loop(0, count, body, out)
-    for t in range(count):
-        out = body(t, out)
+    return _each_start(step, out, [(min(t * tile, n - tile),) for t in range(math.ceil(n / tile))])
+
+
+def _each_start(step: Callable[..., Any], out: Any, starts: list[tuple[int, ...]]) -> Any:
+    """``out`` after ``out = step(out, *start, unrolled)`` for each of ``starts``: up to ``_UNROLLED`` of them
+    unrolled (static starts; ``step`` makes its inputs wait for ``out`` with :func:`after`), more in a ``fori_loop``
+    over traced starts."""
+    if len(starts) > _UNROLLED:
+        table = jnp.asarray(starts)
+        return jax.lax.fori_loop(0, len(starts), lambda i, out: step(out, *table[i], False), out)
+    for start in starts:
+        out = step(out, *start, True)
     return out
 
 
