@@ -116,7 +116,8 @@ def test_deferred_weight_gradients_give_the_reference_kernel(trace_axes, tiles, 
 
 @pytest.mark.usefixtures("float64")
 def test_weight_gradients_are_deferred_when_that_saves_chunks(caplog):
-    """A budget that holds every sample's deferred features but not their weight gradients: one chunk, not three."""
+    """A budget that holds every sample's deferred features but not their weight gradients: one chunk, not three,
+    and XLA's compiled working memory within it."""
     model, x = _deep()
     n = x.shape[0]
     _, _, profile, cover = _parts(model, x, (-1,))
@@ -126,7 +127,9 @@ def test_weight_gradients_are_deferred_when_that_saves_chunks(caplog):
     assert budget // 2 < n * sizes[False][0] and structured.tile_bytes(profile, n, n, cover) > budget
     kernel_fn = ntkcv.ntk_fn(model.apply_fn, implementation="structured", memory_budget=budget)
     with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
-        kernel = kernel_fn(model.params, x)
+        compiled = kernel_fn.lower(model.params, x).compile()
+    kernel = compiled(model.params, x)
+    assert compiled.memory_analysis().temp_size_in_bytes <= budget
     assert {int(count) for _, count in _CHUNK.findall(caplog.text)} == {1}, caplog.text[-2000:]
     assert caplog.text.count("weight gradients formed per tile") == 2
     assert relative_error(kernel, reference_kernel(model.apply_fn, model.params, x, x, (-1,))) < 1e-10
