@@ -11,6 +11,8 @@ import pytest
 # its backend, and inherited by the processes tests launch; an XLA_FLAGS that names the option keeps its choice.
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+# The tests run in one process per core (pytest-xdist): on a GPU each takes memory as it needs it, not 75 % up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # As in equinox's tests: no implicit float32/float64 or int/float mixes and no broadcasting over missing leading axes
 # (write ``b[None]``), so the library works under the strictest settings a user may choose.
