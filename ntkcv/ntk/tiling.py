@@ -11,7 +11,6 @@ the result, so ``N`` need not divide) and each device loops over its row tiles a
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -254,14 +253,11 @@ def tiled_split_chunks(chunks: Sequence[tuple[Callable, Callable, int, tuple[int
     """The sum over ``chunks`` of :func:`tiled_split_kernel` ``(features_fn, contract_fn, feature_tile, tiles)``
     (e.g. Θ = Σ_chunks J J^T over chunks of parameters), one chunk after the other (:func:`after`; over more than
     ``_UNROLLED`` chunks, in a loop), so that only one chunk's features are held at a time."""
-    if len(chunks) <= _UNROLLED:
-        total = None
-        for chunk in chunks:
-            inputs = (x1, x2) if total is None else after(total, (x1, x2))
-            kernels = tiled_split_kernel(*chunk[:2], *inputs, *chunk[2:])
-            total = kernels if total is None else jax.tree_util.tree_map(jnp.add, total, kernels)
-        return total
-    branches = [functools.partial(tiled_split_kernel, *chunk[:2], x1, x2, *chunk[2:]) for chunk in chunks]
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(branches[0]))
-    return jax.lax.fori_loop(0, len(branches), lambda i, total: jax.tree_util.tree_map(
-        jnp.add, total, jax.lax.switch(i, branches)), zeros)
+    branches = [lambda x1, x2, c=chunk: tiled_split_kernel(*c[:2], x1, x2, *c[2:]) for chunk in chunks]
+
+    def step(total, i, unrolled):
+        kernels = branches[i](*after(total, (x1, x2))) if unrolled else jax.lax.switch(i, branches, x1, x2)
+        return jax.tree_util.tree_map(jnp.add, total, kernels)
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(branches[0], x1, x2))
+    return _each_start(step, zeros, [(i,) for i in range(len(chunks))])
