@@ -1,4 +1,5 @@
-"""Which parameters a model reads only elementwise, from the jaxpr of one sample's forward pass.
+"""Which parameters a model reads only elementwise, and in which order it reads them, from the jaxpr of one sample's
+forward pass.
 
 A parameter ``p`` is read *elementwise* when every use of it is a layout operation (reshape, broadcast, transpose,
 slice, pad, concatenation, dtype cast) or elementwise arithmetic, with constants or other parameters, until it meets
@@ -43,6 +44,29 @@ def non_elementwise_reads(jaxpr: ClosedJaxpr, params: Sequence[int], samples: Se
     _walk(jaxpr.jaxpr, [frozenset({i}) if i in params else _NONE for i in range(len(jaxpr.jaxpr.invars))],
           [i in samples for i in range(len(jaxpr.jaxpr.invars))], found)
     return found
+
+
+def read_order(jaxpr: ClosedJaxpr, inputs: Sequence[int]) -> list[int]:
+    """The inputs numbered ``inputs`` in the order ``jaxpr`` first reads them, looking into called jaxprs (the order of
+    a model's layers for its parameters); inputs never read come last, in their own order."""
+    first: dict[int, int] = {}
+    _first_reads(jaxpr.jaxpr, [frozenset({i}) if i in set(inputs) else _NONE for i in range(len(jaxpr.jaxpr.invars))],
+                 first)
+    return sorted(inputs, key=lambda i: first.get(i, len(first) + len(inputs)))
+
+
+def _first_reads(jaxpr: Jaxpr, inputs_in: list[frozenset[int]], first: dict[int, int]) -> None:
+    """Number in ``first`` (in program order) the first read of each input that arguments of ``jaxpr`` carry unchanged
+    (``inputs_in``: which input each argument is)."""
+    carried = {v: i for v, i in zip(jaxpr.invars, inputs_in, strict=True) if i}
+    for eqn in jaxpr.eqns:
+        read = [carried.get(v, _NONE) if isinstance(v, Var) else _NONE for v in eqn.invars]
+        called = _called_jaxpr(eqn)
+        if called is not None:  # what the call reads, not what it is passed
+            _first_reads(called, read, first)
+            continue
+        for i in _NONE.union(*read):
+            first.setdefault(i, len(first))
 
 
 def _called_jaxpr(eqn: JaxprEqn) -> Jaxpr | None:

@@ -22,6 +22,7 @@ from ntkcv.ntk.profile import ModelProfile, profile_model
 from ntkcv.ntk.tiling import (
     default_memory_budget,
     plan_chunks,
+    plan_parts,
     plan_split,
     plan_tiles,
     tiled_kernel,
@@ -93,8 +94,9 @@ class _Costs:
     def splits(self, chosen: Implementation, f, params, x, n1: int, n2: int, *, same: bool, budget: int,
                devices: int) -> list[tuple[Callable, Callable, int, tuple[int, int]]] | None:
         """The chunks of ``chosen``'s split path for :func:`tiled_split_chunks`, each sample's features built once per
-        chunk and contracted in tiles: chunks of consecutive units (leaves for ``jacobian``, gradient leaves and
-        layers for ``structured``) whose features of all samples take at most half of ``budget``, the rest for
+        chunk and contracted in tiles: chunks of consecutive units (for ``jacobian`` leaves in the order the model
+        reads them, a leaf cut into slices of its parameters when it does not fit whole; for ``structured``
+        gradient leaves and layers) whose features of all samples take at most half of ``budget``, the rest for
         building them and one tile's work; ``None`` when one unit's do not fit.
 
         ``structured`` also tries deferring weight gradients to the contraction (``structured.split_fn``'s
@@ -104,18 +106,25 @@ class _Costs:
         samples = n1 if same else n1 + n2
         structured_path = chosen is Implementation.STRUCTURED
 
+        def jacobian_bytes(chunk_parts):  # a sliced leaf's whole gradient is formed before it is sliced
+            sliced = {i for i, start, stop in chunk_parts if stop - start < self._leaf_sizes[i]}
+            return jacobian.split_bytes(self._profile, n1, n2, num_params=sum(stop - start for _, start, stop in
+                                        chunk_parts), sliced_params=sum(self._leaf_sizes[i] for i in sliced))
+
         def sizes(chunk, defer):
             if structured_path:
                 return structured.split_bytes(self._profile, n1, n2, self._cover, same=same, chunk=chunk, defer=defer)
-            return jacobian.split_bytes(self._profile, n1, n2, num_params=sum(self._leaf_sizes[i] for i in chunk))
+            return jacobian_bytes([parts[u] for u in chunk])
 
-        @functools.cache  # asked once while the chunks are cut and again for the chunks kept
-        def planned(chunk, defer):  # at most half the budget stored, so that features are built many samples at a time
-            stored, build_bytes, contract_bytes = sizes(chunk, defer)
-            if samples * stored > budget // 2:
+        def fitted(stored, build_bytes, contract_bytes):  # at most half the budget stored, so that features are
+            if samples * stored > budget // 2:            # built many samples at a time
                 return None
             return plan_split(n1, n2, samples * stored, build_bytes, self._with_blocks(contract_bytes), budget,
                               devices)
+
+        @functools.cache  # asked once while the chunks are cut and again for the chunks kept
+        def planned(chunk, defer):
+            return fitted(*sizes(chunk, defer))
 
         def chunks(defer):
             plan = plan_chunks(count, lambda chunk: planned(chunk, defer) is not None)
@@ -132,11 +141,24 @@ class _Costs:
             if structured_path:
                 return structured.split_fn(f, params, x, n1, n2, same=same, cover=self._cover, chunk=chunk,
                                            defer=defer)
-            return jacobian.split_fn(f, params, groups=self._groups, leaves=chunk)
+            return jacobian.split_fn(f, params, groups=self._groups, parts=[parts[u] for u in chunk])
 
         if structured_path and not self._cover.layers:
             return None  # structured is then jacobian, whose tiles it takes
-        count = structured.units(self._cover) if structured_path else len(self._leaf_sizes)
+        if structured_path:
+            count = structured.units(self._cover)
+        else:  # leaves in the order the model reads them, so that the backward passes of a chunk of late layers stop
+            # early; a leaf whose Jacobians alone do not fit is cut into slices of its parameters
+            order = self._cover.plan.read_order
+            ordered = plan_parts([self._leaf_sizes[i] for i in order],
+                                 lambda u, size: fitted(*jacobian_bytes([(order[u], 0, size)])) is not None)
+            if ordered is None:
+                return None
+            parts = [(order[u], start, stop) for u, start, stop in ordered]
+            for i in sorted({i for i, start, stop in parts if stop - start < self._leaf_sizes[i]}):
+                logger.debug("jacobian: leaf %d (%d parameters) cut into %d slices", i, self._leaf_sizes[i],
+                             sum(part[0] == i for part in parts))
+            count = len(parts)
         plans = {defer: plan for defer in ((False, True) if structured_path else (False,))
                  if (plan := chunks(defer)) is not None}
         if not plans:

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 
 from ntkcv.ntk import jacobian
-from ntkcv.ntk.elementwise import non_elementwise_reads
+from ntkcv.ntk.elementwise import non_elementwise_reads, read_order
 from ntkcv.ntk.groups import LeafGroups, group_sums
 from ntkcv.ntk.interception import LayerCall, Unfactorised, intercepting
 from ntkcv.ntk.jacobian import CanonicalFn
@@ -150,6 +150,7 @@ class _Plan(NamedTuple):
     reasons: dict  # fallback leaf index -> reason
     out_shape: tuple[int, int]  # (O, R)
     groups: LeafGroups | None  # each leaf's parameter group; None: one group
+    read_order: tuple[int, ...]  # the leaves in the order the forward pass first reads them
 
 
 def _sizes(kind, config, roles, inputs, outputs, leaf_shapes):
@@ -212,7 +213,8 @@ def _plan(f: CanonicalFn, params: Any, x: jax.Array, groups: LeafGroups | None =
     for i, primitive in non_elementwise_reads(jaxpr, unclaimed, [len(leaves)]).items():
         reasons[i] = f"not read by a supported layer; read by {primitive}"
     elementwise = frozenset(unclaimed) - set(reasons)
-    plan = _Plan(treedef, leaves, tuple(layers), gradients, elementwise, reasons, tuple(out.shape[1:]), groups)
+    plan = _Plan(treedef, leaves, tuple(layers), gradients, elementwise, reasons, tuple(out.shape[1:]), groups,
+                 tuple(read_order(jaxpr, range(len(leaves)))))
     if logger.isEnabledFor(logging.DEBUG):
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         for layer in layers:

@@ -11,6 +11,7 @@ the result, so ``N`` need not divide) and each device loops over its row tiles a
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -224,6 +225,24 @@ def plan_chunks(count: int, fits: Callable[[tuple[int, ...]], bool]) -> list[tup
             return None
         current += (unit,)
     return [*chunks, current]
+
+
+def plan_parts(sizes: Sequence[int], fits: Callable[[int, int], bool]) -> list[tuple[int, int, int]] | None:
+    """Units of ``sizes`` (leaves, counted in parameters) as parts ``(unit, start, stop)`` for :func:`plan_chunks`: each
+    unit whole when it fits, else cut into the fewest slices of about equal size that fit (``fits(unit, count)``:
+    whether a part of ``count`` of the unit's parameters fits, monotone in ``count`` below the unit's size); ``None``
+    when one parameter of a unit does not fit."""
+    parts = []
+    for unit, size in enumerate(sizes):
+        if fits(unit, size):
+            parts.append((unit, 0, size))
+            continue
+        if not fits(unit, 1):
+            return None
+        count = math.ceil(size / _largest(lambda part, unit=unit: fits(unit, part), size))
+        bounds = [size * k // count for k in range(count + 1)]
+        parts += [(unit, start, stop) for start, stop in itertools.pairwise(bounds)]
+    return parts
 
 
 def plan_split(n1: int, n2: int, stored: int, build_bytes: TileBytesFn, contract_bytes: TileBytesFn,

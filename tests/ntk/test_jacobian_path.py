@@ -1,5 +1,5 @@
 """The ``jacobian`` implementation when all Jacobians do not fit the memory budget: chunks of leaves, each sample's
-Jacobians built once per chunk, then contracted."""
+Jacobians built once per chunk, then contracted; a leaf too large for one chunk cut into slices of its parameters."""
 
 import logging
 import math
@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ntkcv
-from ntkcv.ntk import jacobian, tiling
+from ntkcv.ntk import elementwise, jacobian, tiling
 from ntkcv.ntk.layout import canonical_fn, output_layout
 from ntkcv.ntk.profile import profile_model
 from ntkcv.ntk.validate import check_params
@@ -19,20 +21,36 @@ from tests.ntk.models import make_case, reference_kernel, relative_error
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 _CHUNK = re.compile(r"jacobian: features in tiles of (\d+), contraction in .* tiles \(chunk \d+ of (\d+)\)")
+_SLICED = re.compile(r"jacobian: leaf (\d+) \((\d+) parameters\) cut into (\d+) slices")
+
+
+def _profile(model, x, trace_axes):
+    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
+    f = canonical_fn(model.apply_fn, layout)
+    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
+    return profile, max(leaf.size for leaf in jax.tree_util.tree_leaves(model.params))
 
 
 def _chunked_budget(model, x, trace_axes, samples) -> int:
     """A budget whose half holds the largest leaf's Jacobians of all ``samples`` (what one chunk may store) beside one
     sample's work, but not all leaves' Jacobians: at least two chunks."""
-    layout = output_layout(model.apply_fn, model.params, x, trace_axes)
-    f = canonical_fn(model.apply_fn, layout)
-    profile = profile_model(f, model.params, x, layout.kept_size, layout.traced_size, check_params(model.params))
-    largest = max(leaf.size for leaf in jax.tree_util.tree_leaves(model.params))
+    profile, largest = _profile(model, x, trace_axes)
     stored, build_bytes, contract_bytes = jacobian.split_bytes(profile, samples, samples, num_params=largest)
     total = samples * jacobian.split_bytes(profile, samples, samples)[0]
     budget = max(2 * samples * stored, samples * stored + max(build_bytes(1), contract_bytes(1, 1))) + 2
     assert budget // 2 < total
     return budget
+
+
+def _sliced_budget(model, x, trace_axes, samples) -> int:
+    """A budget whose half does not hold the largest leaf's Jacobians of all ``samples``, but half of them beside one
+    sample's work (its whole gradient formed before it is sliced): the leaf is cut in two slices."""
+    profile, largest = _profile(model, x, trace_axes)
+    stored, build_bytes, contract_bytes = jacobian.split_bytes(profile, samples, samples, num_params=largest,
+                                                               sliced_params=largest)
+    work = max(build_bytes(1), contract_bytes(1, 1))
+    assert samples * stored > 2 * work
+    return samples * stored + 2 * work
 
 
 def _chunks(log: str) -> list[tuple[int, int]]:
@@ -67,6 +85,33 @@ def test_chunked_kernel_equals_untiled_and_reference(trace_axes, groups, dtype, 
             np.testing.assert_allclose(chunked[name], untiled[name], rtol=10 * tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize(("trace_axes", "groups"), [((-1,), None), ((), "layers")])
+def test_sliced_leaves_give_the_reference_kernel(trace_axes, groups, dtype, caplog):
+    """A budget too small for the largest leaf's Jacobians: the leaf is cut into slices of its parameters, still on
+    the path that builds each sample's Jacobians once per chunk (not in tiles that each build their own)."""
+    model, _, _ = make_case("mlp_tanh", dtype)
+    x1 = jax.random.normal(jax.random.key(1), (9, 6), dtype)
+    x2 = jax.random.normal(jax.random.key(2), (4, 6), dtype)
+    sizes = [leaf.size for leaf in jax.tree_util.tree_leaves(model.params)]
+    for a, b in [(x1, None), (x1, x2)]:
+        budget = _sliced_budget(model, x1, trace_axes, a.shape[0] + (0 if b is None else b.shape[0]))
+        kernel_fn = ntkcv.ntk_fn(model.apply_fn, trace_axes=trace_axes, implementation="jacobian", groups=groups,
+                                 memory_budget=budget)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
+            kernel = kernel_fn(model.params, a, b)
+        sliced = [(int(leaf), int(size), int(count)) for leaf, size, count in _SLICED.findall(caplog.text)]
+        assert (sizes.index(max(sizes)), max(sizes), 2) in sliced
+        assert len(_chunks(caplog.text)) >= 2
+        kernels = kernel if groups else {"all": kernel}
+        paths = ntkcv.parameter_groups(model.params, groups) if groups else {"all": None}
+        for name, leaves in paths.items():
+            keep = None if leaves is None else (lambda path, leaves=leaves: jax.tree_util.keystr(
+                path, simple=True, separator="/") in leaves)
+            expected = reference_kernel(model.apply_fn, model.params, a, a if b is None else b, trace_axes, keep)
+            assert relative_error(kernels[name], expected) <= TOLERANCE[np.dtype(dtype).name], (name, b is None)
+
+
 def test_each_sample_is_evaluated_once_per_chunk(caplog):
     """A host callback in the model counts its evaluations: each chunk of leaves evaluates each sample once (its last
     feature tile ends at the last sample, overlapping the tile before), never once per contraction tile."""
@@ -90,8 +135,10 @@ def test_each_sample_is_evaluated_once_per_chunk(caplog):
     assert relative_error(kernel, reference_kernel(model.apply_fn, model.params, x, x, (-1,))) <= 1e-5
 
 
-def test_chunks_stay_within_the_memory_budget(caplog):
-    """XLA's compiled temporary memory of a kernel whose Jacobians take twice the budget."""
+@pytest.mark.parametrize("share", [2, 4])
+def test_chunks_stay_within_the_memory_budget(share, caplog):
+    """XLA's compiled temporary memory of a kernel whose Jacobians take ``share`` times the budget (4: each large
+    leaf's Jacobians take more than half of it, so the leaves are cut into slices)."""
     shapes = [(50, 50)] * 5 + [(50, 3)]  # each leaf's Jacobians under a quarter of all: half the budget holds one
     keys = jax.random.split(jax.random.key(0), len(shapes))
     params = [jax.random.normal(key, shape) / shape[0] ** 0.5 for key, shape in zip(keys, shapes, strict=True)]
@@ -103,17 +150,47 @@ def test_chunks_stay_within_the_memory_budget(caplog):
 
     x = jax.random.normal(keys[0], (64, 50))
     all_jacobians = x.shape[0] * 3 * sum(leaf.size for leaf in jax.tree_util.tree_leaves(params)) * 4
-    kernel_fn = ntkcv.ntk_fn(apply_fn, implementation="jacobian", memory_budget=all_jacobians // 2)
+    kernel_fn = ntkcv.ntk_fn(apply_fn, implementation="jacobian", memory_budget=all_jacobians // share)
     with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
         memory = kernel_fn.lower(params, x).compile().memory_analysis()
     assert len(_chunks(caplog.text)) >= 2
-    assert memory.temp_size_in_bytes <= all_jacobians // 2
+    assert bool(_SLICED.findall(caplog.text)) == (share > 2)
+    assert memory.temp_size_in_bytes <= all_jacobians // share
 
 
 @pytest.mark.parametrize(("sizes", "expected"), [
     ([4, 5, 3, 7, 10, 1], [(0, 1), (2, 3), (4,), (5,)]), ([4, 11, 3], None), ([2, 3], [(0, 1)])])
 def test_chunks_are_consecutive_and_fit(sizes, expected):
     assert tiling.plan_chunks(len(sizes), lambda chunk: sum(sizes[u] for u in chunk) <= 10) == expected
+
+
+@given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=6), limit=st.integers(1, 20))
+def test_parts_cover_each_leaf_in_the_fewest_slices_that_fit(sizes, limit):
+    parts = tiling.plan_parts(sizes, lambda unit, count: count <= limit or count == sizes[unit] == limit + 1)
+    for unit, size in enumerate(sizes):
+        own = [(start, stop) for u, start, stop in parts if u == unit]
+        assert [start for start, _ in own] == [0] + [stop for _, stop in own[:-1]] and own[-1][1] == size
+        if size == limit + 1:  # fits whole, though not as a slice of that size
+            assert own == [(0, size)]
+        else:
+            assert max(stop - start for start, stop in own) <= limit and len(own) == max(1, math.ceil(size / limit))
+
+
+def test_parts_are_none_when_one_parameter_does_not_fit():
+    assert tiling.plan_parts([3, 0, 5], lambda unit, count: count > 1 and count == 3) is None
+
+
+def test_leaves_are_ordered_as_the_model_reads_them():
+    """Tree order (alphabetical) is not the order of the layers; a jitted inner function is looked into."""
+    params = {"a_last": jnp.ones((3, 2)), "b_first": jnp.ones((4, 3)), "c_unused": jnp.ones(5)}
+    inner = jax.jit(lambda p, x: jnp.tanh(x @ p["b_first"]))
+
+    def apply_fn(leaves, x):
+        p = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
+        return inner(p, x) @ p["a_last"]
+
+    jaxpr = jax.make_jaxpr(apply_fn)(jax.tree_util.tree_leaves(params), jnp.ones((1, 4)))
+    assert elementwise.read_order(jaxpr, range(3)) == [1, 0, 2]
 
 
 def test_contraction_is_one_matrix_product_without_copies():
