@@ -135,10 +135,13 @@ def test_each_sample_is_evaluated_once_per_chunk(caplog):
     assert relative_error(kernel, reference_kernel(model.apply_fn, model.params, x, x, (-1,))) <= 1e-5
 
 
-@pytest.mark.parametrize("share", [2, 4])
-def test_chunks_stay_within_the_memory_budget(share, caplog):
+@pytest.mark.parametrize(("share", "looped"), [(2, False), (4, False), (4, True)])
+def test_chunks_stay_within_the_memory_budget(share, looped, caplog, monkeypatch):
     """XLA's compiled temporary memory of a kernel whose Jacobians take ``share`` times the budget (4: each large
-    leaf's Jacobians take more than half of it, so the leaves are cut into slices)."""
+    leaf's Jacobians take more than half of it, so the leaves are cut into slices), with each chunk's tiles unrolled
+    or in loops (whose buffers XLA must not allocate before the chunk before them is done)."""
+    if looped:
+        monkeypatch.setattr(tiling, "_UNROLLED", 1)
     shapes = [(50, 50)] * 5 + [(50, 3)]  # each leaf's Jacobians under a quarter of all: half the budget holds one
     keys = jax.random.split(jax.random.key(0), len(shapes))
     params = [jax.random.normal(key, shape) / shape[0] ** 0.5 for key, shape in zip(keys, shapes, strict=True)]
@@ -153,7 +156,8 @@ def test_chunks_stay_within_the_memory_budget(share, caplog):
     kernel_fn = ntkcv.ntk_fn(apply_fn, implementation="jacobian", memory_budget=all_jacobians // share)
     with caplog.at_level(logging.DEBUG, logger="ntkcv.ntk"):
         memory = kernel_fn.lower(params, x).compile().memory_analysis()
-    assert len(_chunks(caplog.text)) >= 2
+    chunks = _chunks(caplog.text)
+    assert len(chunks) >= 2 and any(tile < x.shape[0] for _, tile in chunks) == (share > 2)
     assert bool(_SLICED.findall(caplog.text)) == (share > 2)
     assert memory.temp_size_in_bytes <= all_jacobians // share
 
