@@ -50,8 +50,8 @@ def read_order(jaxpr: ClosedJaxpr, inputs: Sequence[int]) -> list[int]:
     """The inputs numbered ``inputs`` in the order ``jaxpr`` first reads them, looking into called jaxprs (the order of
     a model's layers for its parameters); inputs never read come last, in their own order."""
     first: dict[int, int] = {}
-    _first_reads(jaxpr.jaxpr, [frozenset({i}) if i in set(inputs) else _NONE for i in range(len(jaxpr.jaxpr.invars))],
-                 first)
+    chosen = set(inputs)
+    _first_reads(jaxpr.jaxpr, [frozenset({i}) if i in chosen else _NONE for i in range(len(jaxpr.jaxpr.invars))], first)
     return sorted(inputs, key=lambda i: first.get(i, len(first) + len(inputs)))
 
 

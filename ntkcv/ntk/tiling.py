@@ -132,7 +132,8 @@ def _tiles_in_place(tile_fn: Callable, x1: Any, x2: Any | None, tiles: tuple[int
     take = lambda tree, start, size: jax.tree_util.tree_map(  # noqa: E731
         lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), tree)
     shapes = jax.eval_shape(tile_fn, take(x1, 0, b1), take(other, 0, b2))
-    out = after(x1, jax.tree_util.tree_map(lambda s: jnp.zeros((n1, n2) + s.shape[2:], s.dtype), shapes))
+    out = after(x1, jax.tree_util.tree_map(lambda s: jnp.zeros((n1, n2) + s.shape[2:], s.dtype), shapes))  # as in
+    # _in_place: allocated no earlier than x1
 
     def step(out, r, c, unrolled):
         diagonal = unrolled and symmetric and r == c
