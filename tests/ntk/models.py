@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -118,10 +119,17 @@ def make_case(name: str, dtype=jnp.float32):
 CASES = ["mlp_tanh", "mlp_relu", "cnn", "layernorm", "sequence", "shared", "batchnorm", "nnx"]
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_jacobian(apply_fn):
+    """``jax.jacrev(apply_fn)`` jitted once per model: one compilation per input shape instead of one per primitive of
+    an eager reverse pass."""
+    return jax.jit(jax.jacrev(apply_fn))
+
+
 def dense_jacobian(apply_fn, params, x, keep=None) -> np.ndarray:
     """``(N, *out, P)`` by ``jax.jacrev`` of the whole batch, in float64 numpy; ``keep(key_path)``: only the
     leaves it accepts (the Jacobian restricted to a group of parameters)."""
-    jac = jax.jacrev(apply_fn)(params, x)
+    jac = _jitted_jacobian(apply_fn)(params, x)
     out_ndim = jax.eval_shape(apply_fn, params, x).ndim
     leaves = [np.asarray(j, np.float64).reshape(j.shape[:out_ndim] + (-1,))
               for path, j in jax.tree_util.tree_leaves_with_path(jac) if keep is None or keep(path)]
